@@ -84,7 +84,7 @@ def newton_schulz(
   """
   *_, m, n = x.shape
   out_dtype = x.dtype
-  acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
+  acc_dtype = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
   if compute_dtype is None:
     compute_dtype = default_compute_dtype()
   operand_dtype = acc_dtype if compute_dtype is None else compute_dtype

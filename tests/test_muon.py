@@ -1,0 +1,244 @@
+"""`scale_by_muon` and `muon` against NumPy Muon, optax.adamw, optax.contrib."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import muon_optax
+from tests import reference
+
+
+def _params(seed=0):
+  rng = np.random.default_rng(seed)
+  f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+  return {
+    'dense': {'kernel': f(24, 40), 'bias': f(40)},
+    'tall': {'kernel': f(48, 16)},
+    'conv': {'kernel': f(3, 3, 8, 16), 'bias': f(16)},
+    'conv1d': {'kernel': f(5, 12, 20)},
+    'norm': {'scale': f(40)},
+  }
+
+
+def _grads(params, step):
+  key = jax.random.fold_in(jax.random.key(42), step)
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(key, len(leaves))
+  return jax.tree.unflatten(
+    treedef,
+    [
+      jax.random.normal(k, x.shape, x.dtype)
+      for k, x in zip(keys, leaves, strict=True)
+    ],
+  )
+
+
+MATRICES = ('dense/kernel', 'tall/kernel', 'conv/kernel', 'conv1d/kernel')
+
+
+def _flat(tree):
+  return {
+    '/'.join(str(k.key) for k in kp): x
+    for kp, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
+
+
+@pytest.mark.parametrize('nesterov', [True, False])
+@pytest.mark.parametrize('scaling', ['jordan', 'rms'])
+def test_matches_numpy_muon_over_several_steps(nesterov, scaling):
+  params = _params()
+  lr, wd = 0.02, 0.1
+  tx = muon_optax.muon(
+    lr,
+    ns_coeffs='jordan',
+    scaling=scaling,
+    nesterov=nesterov,
+    weight_decay=wd,
+    adam_learning_rate=1e-3,
+  )
+  ref = reference.NumpyMuon(
+    lr, nesterov=nesterov, weight_decay=wd, scaling=scaling
+  )
+  ref_params = {
+    k: np.asarray(v) for k, v in _flat(params).items() if k in MATRICES
+  }
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  for step in range(4):
+    grads = _grads(params, step)
+    updates, state = update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    ref_params = ref.step(ref_params, {k: _flat(grads)[k] for k in MATRICES})
+  for k in MATRICES:
+    np.testing.assert_allclose(
+      _flat(params)[k], ref_params[k], atol=2e-5, err_msg=k
+    )
+
+
+def test_adam_leaves_match_optax_adamw():
+  params = _params()
+  tx = muon_optax.muon(
+    0.02,
+    adam_learning_rate=3e-3,
+    adam_b1=0.8,
+    adam_b2=0.99,
+    adam_eps=1e-6,
+    adam_weight_decay=0.01,
+  )
+  adam = optax.adamw(3e-3, b1=0.8, b2=0.99, eps=1e-6, weight_decay=0.01)
+  adam_keys = ('dense/bias', 'conv/bias', 'norm/scale')
+  adam_params = {k: _flat(params)[k] for k in adam_keys}
+  s, sa = tx.init(params), adam.init(adam_params)
+  for step in range(3):
+    g = _grads(params, step)
+    u, s = tx.update(g, s, params)
+    ua, sa = adam.update({k: _flat(g)[k] for k in adam_keys}, sa, adam_params)
+    params = optax.apply_updates(params, u)
+    adam_params = optax.apply_updates(adam_params, ua)
+  for k in adam_keys:
+    np.testing.assert_allclose(_flat(params)[k], adam_params[k], rtol=1e-6)
+
+
+def test_matches_optax_contrib_muon_without_nesterov():
+  """optax.contrib.muon bias-corrects its momentum, which Newton–Schulz's
+  normalization cancels without Nesterov; the updates then agree."""
+  params = {'a': _params()['dense']['kernel'], 'b': _params()['tall']['kernel']}
+  ours = muon_optax.muon(
+    0.01, ns_coeffs='jordan', scaling='jordan', nesterov=False, eps=1e-8
+  )
+  theirs = optax.contrib.muon(
+    0.01, ns_coeffs='standard', nesterov=False, eps=1e-8
+  )
+  so, st = ours.init(params), theirs.init(params)
+  for step in range(3):
+    g = _grads(params, step)
+    uo, so = ours.update(g, so, params)
+    ut, st = theirs.update(g, st, params)
+    chex.assert_trees_all_close(uo, ut, atol=1e-6)
+
+
+@pytest.mark.parametrize('strategy', ['stack', 'unroll', 'map'])
+def test_group_strategies_equal_per_leaf(strategy):
+  params = {
+    'layers': [{'w': x} for x in _params(1)['dense'].values() if x.ndim == 2]
+    + [{'w': jnp.ones((24, 40)) * i} for i in range(3)],
+    'stacked': jnp.asarray(
+      np.random.default_rng(3).standard_normal((4, 24, 40)), jnp.float32
+    ),
+  }
+  views = {'stacked': muon_optax.MatrixView.dense(), 'layers': None}
+  tx = muon_optax.scale_by_muon(matrix_views=views, group_strategy=strategy)
+  grads = _grads(params, 0)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params))
+  for path, g in _flat_any(grads).items():
+    per_leaf = muon_optax.scale_by_muon(
+      matrix_views=muon_optax.MatrixView.dense()
+    )
+    want, _ = per_leaf.update(g, per_leaf.init(g))
+    np.testing.assert_allclose(
+      _flat_any(updates)[path], want, atol=2e-6, err_msg=path
+    )
+
+
+def _flat_any(tree):
+  return {
+    jax.tree_util.keystr(kp): x
+    for kp, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
+
+
+def test_jit_and_no_jit_agree():
+  params = _params()
+  tx = muon_optax.muon(0.01, weight_decay=0.05)
+  s = tx.init(params)
+  g = _grads(params, 0)
+  eager, _ = tx.update(g, s, params)
+  jitted, _ = jax.jit(tx.update)(g, s, params)
+  chex.assert_trees_all_close(eager, jitted, atol=1e-6)
+
+
+def test_second_update_does_not_recompile():
+  params = _params()
+  tx = muon_optax.muon(optax.cosine_decay_schedule(0.02, 10))
+  traces = []
+
+  @jax.jit
+  def step(params, state, grads):
+    traces.append(1)
+    u, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, u), state
+
+  state = tx.init(params)
+  for i in range(3):
+    params, state = step(params, state, _grads(params, i))
+  assert len(traces) == 1
+
+
+@pytest.mark.parametrize('mu_dtype', [None, jnp.bfloat16, jnp.float32])
+def test_bf16_params_and_mu_dtype_keep_their_dtypes(mu_dtype):
+  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _params())
+  tx = muon_optax.muon(0.01, mu_dtype=mu_dtype)
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  for i in range(2):
+    u, new_state = step(_grads(params, i), state, params)
+    new_params = optax.apply_updates(params, u)
+    chex.assert_trees_all_equal_dtypes(new_params, params)
+    chex.assert_trees_all_equal_dtypes(new_state, state)
+    chex.assert_tree_all_finite(u)
+    for k in MATRICES:  # Muon hands back updates in the gradients' dtype
+      assert _flat(u)[k].dtype == jnp.bfloat16
+    params, state = new_params, new_state
+  muon_state = state.inner_states['muon'].inner_state[0]
+  want = jnp.bfloat16 if mu_dtype is None else mu_dtype
+  for x in jax.tree.leaves(muon_state.momentum):
+    assert x.dtype == want
+
+
+def test_scaling_sets_the_update_rms():
+  """'rms' gives every matrix an update RMS of about 0.2 (AdamW's), whatever
+  its shape; that is what lets AdamW's learning rate carry over."""
+  params = _params()
+  tx = muon_optax.scale_by_muon(
+    ns_coeffs=(1.5, -0.5, 0.0), ns_steps=60, scaling='rms'
+  )
+  matrices = {k: v for k, v in _flat(params).items() if k in MATRICES}
+  u, _ = tx.update(matrices, tx.init(matrices))
+  for k, x in u.items():
+    m = x.reshape(-1, x.shape[-1])
+    rms = float(jnp.sqrt(jnp.mean(jnp.square(m))))
+    want = 0.2 * np.sqrt(max(m.shape)) * np.sqrt(min(m.shape) / m.size)
+    np.testing.assert_allclose(rms, want, rtol=1e-3, err_msg=k)
+    np.testing.assert_allclose(rms, 0.2, rtol=1e-3, err_msg=k)
+
+
+def test_converges_on_a_quadratic():
+  target = jnp.asarray(
+    np.random.default_rng(0).standard_normal((16, 32)), jnp.float32
+  )
+  params = {'w': jnp.zeros((16, 32))}
+  tx = muon_optax.muon(optax.linear_schedule(0.05, 0.0, 300), scaling='rms')
+  state = tx.init(params)
+  loss = lambda p: jnp.sum(jnp.square(p['w'] - target))
+
+  @jax.jit
+  def step(params, state):
+    g = jax.grad(loss)(params)
+    u, state = tx.update(g, state, params)
+    return optax.apply_updates(params, u), state
+
+  for _ in range(300):
+    params, state = step(params, state)
+  assert float(loss(params)) < 1e-2 * float(loss({'w': jnp.zeros((16, 32))}))
+
+
+def test_zero_gradients_give_zero_updates():
+  params = _params()
+  tx = muon_optax.muon(0.01)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  u, _ = tx.update(zeros, tx.init(params), params)
+  for x in jax.tree.leaves(u):
+    assert not np.any(np.asarray(x))

@@ -1,0 +1,389 @@
+"""Default routing on Flax NNX and Linen models, overrides and bad labels."""
+
+from flax import nnx
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import muon_optax
+from muon_optax import _routing
+
+
+def _labels(tree):
+  return {
+    jax.tree_util.keystr(kp, simple=True, separator='/'): v
+    for kp, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
+
+
+class ResBlock(nnx.Module):
+  def __init__(self, c_in, c_out, *, rngs):
+    self.conv1 = nnx.Conv(c_in, c_out, (3, 3), use_bias=False, rngs=rngs)
+    self.bn1 = nnx.BatchNorm(c_out, rngs=rngs)
+    self.conv2 = nnx.Conv(c_out, c_out, (3, 3), use_bias=False, rngs=rngs)
+    self.bn2 = nnx.BatchNorm(c_out, rngs=rngs)
+    self.proj = nnx.Conv(c_in, c_out, (1, 1), use_bias=False, rngs=rngs)
+    self.dw = nnx.Conv(
+      c_out, c_out, (3, 3), feature_group_count=c_out, rngs=rngs
+    )
+
+  def __call__(self, x):
+    y = nnx.relu(self.bn1(self.conv1(x)))
+    y = self.dw(self.bn2(self.conv2(y)))
+    return nnx.relu(y + self.proj(x))
+
+
+class ResNet(nnx.Module):
+  def __init__(self, *, rngs):
+    self.stem = nnx.Conv(3, 16, (3, 3), rngs=rngs)
+    self.block1 = ResBlock(16, 32, rngs=rngs)
+    self.block2 = ResBlock(32, 32, rngs=rngs)
+    self.head = nnx.Linear(32, 10, rngs=rngs)
+
+  def __call__(self, x):
+    x = self.block2(self.block1(nnx.relu(self.stem(x))))
+    return self.head(x.mean(axis=(1, 2)))
+
+
+class Block(nnx.Module):
+  def __init__(self, d, *, rngs):
+    self.ln1 = nnx.LayerNorm(d, rngs=rngs)
+    self.attn = nnx.MultiHeadAttention(4, d, decode=False, rngs=rngs)
+    self.ln2 = nnx.RMSNorm(d, rngs=rngs)
+    self.up = nnx.Linear(d, 4 * d, rngs=rngs)
+    self.down = nnx.Linear(4 * d, d, rngs=rngs)
+
+  def __call__(self, x):
+    x = x + self.attn(self.ln1(x))
+    return x + self.down(nnx.gelu(self.up(self.ln2(x))))
+
+
+class GPT(nnx.Module):
+  def __init__(self, *, rngs, vocab=50, d=32):
+    self.embed = nnx.Embed(vocab, d, rngs=rngs)
+    self.blocks = nnx.List([Block(d, rngs=rngs) for _ in range(2)])
+    self.lm_head = nnx.Linear(d, vocab, use_bias=False, rngs=rngs)
+
+  def __call__(self, tokens):
+    x = self.embed(tokens)
+    for block in self.blocks:
+      x = block(x)
+    return self.lm_head(x)
+
+
+def test_nnx_resnet_routing():
+  labels = _labels(muon_optax.param_labels(ResNet(rngs=nnx.Rngs(0))))
+  muon = sorted(k for k, v in labels.items() if v == 'muon')
+  assert muon == [
+    'block1/conv1/kernel',
+    'block1/conv2/kernel',
+    'block1/proj/kernel',
+    'block2/conv1/kernel',
+    'block2/conv2/kernel',
+    'block2/proj/kernel',
+    'stem/kernel',
+  ]
+  # Depthwise convs, BatchNorm, biases and the head go to Adam.
+  assert labels['block1/dw/kernel'] == 'adam'
+  assert labels['head/kernel'] == 'adam'
+  assert labels['block1/bn1/scale'] == 'adam'
+
+
+def test_nnx_transformer_routing_and_views():
+  model = GPT(rngs=nnx.Rngs(0))
+  labels = _labels(muon_optax.param_labels(model))
+  muon = {k for k, v in labels.items() if v == 'muon'}
+  for i in range(2):
+    for name in ('query', 'key', 'value', 'out'):
+      assert f'blocks/{i}/attn/{name}/kernel' in muon
+    assert f'blocks/{i}/up/kernel' in muon and f'blocks/{i}/down/kernel' in muon
+  assert len(muon) == 12
+  assert labels['embed/embedding'] == 'adam'
+  assert labels['lm_head/kernel'] == 'adam'
+  assert labels['blocks/0/attn/query/bias'] == 'adam'  # (heads, head_dim)
+  views = _routing.route(model)
+  q = views['blocks/0/attn/query/kernel'][1].resolve((32, 4, 8))
+  o = views['blocks/0/attn/out/kernel'][1].resolve((4, 8, 32))
+  assert q.matrix_shape == (32, 32) and o.matrix_shape == (32, 32)
+
+
+def test_nnx_stacked_layers_are_batches():
+  @nnx.vmap(in_axes=0, out_axes=0)
+  def make(key):
+    return nnx.Linear(16, 48, rngs=nnx.Rngs(key))
+
+  stacked = make(jax.random.split(jax.random.key(0), 6))
+  rules = _routing.route(stacked)
+  label, view, _ = rules['kernel']
+  resolved = view.resolve(stacked.kernel.shape)
+  assert label == 'muon'
+  assert resolved.num_matrices == 6 and resolved.matrix_shape == (16, 48)
+
+
+def test_nnx_einsum_and_transposed_conv_views():
+  rngs = nnx.Rngs(0)
+
+  class M(nnx.Module):
+    def __init__(self):
+      self.qkv = nnx.Einsum('btd,dhk->bthk', (32, 4, 8), rngs=rngs)
+      self.up = nnx.ConvTranspose(8, 16, (3, 3), rngs=rngs)
+
+  rules = _routing.route(M())
+  assert rules['qkv/kernel'][1].resolve((32, 4, 8)).matrix_shape == (32, 32)
+  assert rules['up/kernel'][1].resolve((3, 3, 8, 16)).matrix_shape == (72, 16)
+
+
+class LinenCNN(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(16, (3, 3))(x))
+    x = nn.BatchNorm(use_running_average=True)(x)
+    x = nn.relu(nn.Conv(32, (3, 3))(x))
+    x = nn.Conv(32, (3, 3), feature_group_count=32)(x)
+    return nn.Dense(10, name='head')(x.mean(axis=(1, 2)))
+
+
+class LinenLM(nn.Module):
+  @nn.compact
+  def __call__(self, tokens):
+    x = nn.Embed(50, 32)(tokens)
+    x = x + nn.MultiHeadDotProductAttention(num_heads=4)(x)
+    x = x + nn.Dense(32)(nn.gelu(nn.Dense(128)(x)))
+    return nn.Dense(50, name='lm_head')(x)
+
+
+def test_linen_cnn_routing():
+  params = LinenCNN().init(jax.random.key(0), jnp.ones((1, 8, 8, 3)))['params']
+  labels = _labels(muon_optax.param_labels(params))
+  assert labels['Conv_0/kernel'] == 'muon'
+  assert labels['Conv_1/kernel'] == 'muon'
+  # A depthwise Linen kernel is (3, 3, 1, 32): a 9 x 32 matrix is not
+  # degenerate, so a plain tree cannot tell it from a thin conv; say so.
+  labels = _labels(
+    muon_optax.param_labels(params, overrides={'Conv_2': 'adam'})
+  )
+  assert labels['Conv_2/kernel'] == 'adam'
+  assert labels['head/kernel'] == 'adam'
+  assert labels['Conv_0/bias'] == 'adam'
+
+
+def test_linen_transformer_routing_and_views():
+  params = LinenLM().init(jax.random.key(0), jnp.ones((1, 8), jnp.int32))[
+    'params'
+  ]
+  labels = _labels(muon_optax.param_labels(params))
+  assert labels['Embed_0/embedding'] == 'adam'
+  assert labels['lm_head/kernel'] == 'adam'
+  attn = 'MultiHeadDotProductAttention_0'
+  for name in ('query', 'key', 'value', 'out'):
+    assert labels[f'{attn}/{name}/kernel'] == 'muon'
+    assert labels[f'{attn}/{name}/bias'] == 'adam'
+  rules = _routing.route(params)
+  assert rules[f'{attn}/query/kernel'][1].resolve((32, 4, 8)).matrix_shape == (
+    32,
+    32,
+  )
+  assert rules[f'{attn}/out/kernel'][1].resolve((4, 8, 32)).matrix_shape == (
+    32,
+    32,
+  )
+
+
+def test_degenerate_matrices_go_to_adam():
+  params = {
+    'thin': jnp.ones((1, 64)),
+    'narrow': jnp.ones((512, 3)),
+    'aspect': jnp.ones((8, 2048)),
+    'ok': jnp.ones((8, 1024)),
+  }
+  labels = muon_optax.param_labels(params)
+  assert labels == {
+    'thin': 'adam',
+    'narrow': 'adam',
+    'aspect': 'adam',
+    'ok': 'muon',
+  }
+
+
+def test_stacked_plain_tree():
+  params = {'layers': {'kernel': jnp.ones((6, 16, 48))}}
+  default = muon_optax.matrix_views(params)['layers']['kernel']
+  assert default.resolve((6, 16, 48)).matrix_shape == (96, 48)  # conv1d
+  views = muon_optax.matrix_views(params, stacked=['layers'])
+  resolved = views['layers']['kernel'].resolve((6, 16, 48))
+  assert resolved.num_matrices == 6 and resolved.matrix_shape == (16, 48)
+
+
+def test_overrides_win():
+  params = {
+    'stem': {'kernel': jnp.ones((3, 3, 3, 16))},
+    'fc': {'kernel': jnp.ones((16, 10))},
+  }
+  labels = muon_optax.param_labels(
+    params, overrides={'stem': 'adam', '*/fc/*': 'muon', 'fc': 'adam'}
+  )
+  assert labels == {'stem': {'kernel': 'adam'}, 'fc': {'kernel': 'adam'}}
+  labels = muon_optax.param_labels(params, overrides={'fc/kernel': 'adam'})
+  assert labels['fc']['kernel'] == 'adam' and labels['stem']['kernel'] == 'muon'
+
+
+def _nnx_train(model, tx, x, y, steps):
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, optimizer, x, y):
+    def loss_fn(model):
+      logits = model(x)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return loss
+
+  return [float(step(model, optimizer, x, y)) for _ in range(steps)]
+
+
+@pytest.mark.parametrize('how', ['module', 'label_tree', 'default'])
+def test_nnx_optimizer_end_to_end(how):
+  model = ResNet(rngs=nnx.Rngs(0))
+  labels = {
+    'module': model,
+    'label_tree': muon_optax.param_labels(model),
+    'default': None,
+  }[how]
+  tx = muon_optax.muon(3e-3, param_labels=labels, weight_decay=0.01)
+  x = jax.random.normal(jax.random.key(1), (16, 8, 8, 3))
+  y = jnp.arange(16) % 10
+  losses = _nnx_train(model, tx, x, y, 8)
+  assert np.all(np.isfinite(losses))
+  assert losses[-1] < 0.8 * losses[0]
+
+
+def test_nnx_transformer_end_to_end():
+  model = GPT(rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(1), (4, 16), 0, 50)
+
+  class LM(nnx.Module):
+    def __init__(self, gpt):
+      self.gpt = gpt
+
+    def __call__(self, t):
+      return self.gpt(t)[:, :-1].reshape(-1, 50)
+
+  lm = LM(model)
+  tx = muon_optax.muon(1e-2, param_labels=lm)
+  losses = _nnx_train(lm, tx, tokens, tokens[:, 1:].reshape(-1), 8)
+  assert losses[-1] < 0.8 * losses[0]
+
+
+def test_linen_train_state_end_to_end():
+  from flax.training import train_state
+
+  model = LinenCNN()
+  x = jax.random.normal(jax.random.key(1), (16, 8, 8, 3))
+  y = jnp.arange(16) % 10
+  variables = model.init(jax.random.key(0), x)
+  tx = muon_optax.muon(
+    2e-2,
+    param_labels=muon_optax.param_labels(
+      variables['params'], overrides={'Conv_2': 'adam'}
+    ),
+  )
+  state = train_state.TrainState.create(
+    apply_fn=model.apply, params=variables['params'], tx=tx
+  )
+
+  @jax.jit
+  def step(state):
+    def loss_fn(p):
+      logits = state.apply_fn(
+        {'params': p, 'batch_stats': variables['batch_stats']}, x
+      )
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    loss, g = jax.value_and_grad(loss_fn)(state.params)
+    return state.apply_gradients(grads=g), loss
+
+  losses = []
+  for _ in range(12):
+    state, loss = step(state)
+    losses.append(float(loss))
+  assert losses[-1] < 0.8 * losses[0]
+
+
+class TestErrors:
+  def test_unknown_label(self):
+    params = {'w': jnp.ones((4, 4)), 'b': jnp.ones(4)}
+    tx = muon_optax.muon(0.1, param_labels={'w': 'muon', 'b': 'sgd'})
+    with pytest.raises(ValueError, match="'b'.*'sgd'"):
+      tx.init(params)
+
+  def test_label_tree_missing_a_param(self):
+    params = {'w': jnp.ones((4, 4)), 'b': jnp.ones(4)}
+    tx = muon_optax.muon(0.1, param_labels={'w': 'muon'})
+    with pytest.raises(ValueError, match="no label for parameter 'b'"):
+      tx.init(params)
+
+  def test_label_tree_with_extra_entries(self):
+    params = {'w': jnp.ones((4, 4))}
+    tx = muon_optax.muon(0.1, param_labels={'w': 'muon', 'v': 'adam'})
+    with pytest.raises(ValueError, match=r"\['v'\] name no parameter"):
+      tx.init(params)
+
+  def test_muon_label_on_a_vector(self):
+    params = {'layer': {'bias': jnp.ones(4)}}
+    tx = muon_optax.muon(0.1, param_labels={'layer': {'bias': 'muon'}})
+    with pytest.raises(ValueError, match="'layer/bias' of shape \\(4,\\)"):
+      tx.init(params)
+
+  def test_bad_view_override(self):
+    params = {'w': jnp.ones((4, 4))}
+    tx = muon_optax.scale_by_muon(
+      matrix_views={'w': muon_optax.MatrixView((0,), (0,))}
+    )
+    with pytest.raises(ValueError, match="'w'"):
+      tx.init(params)
+    tx = muon_optax.scale_by_muon(matrix_views={'w': 'dense'})
+    with pytest.raises(TypeError, match="'w'"):
+      tx.init(params)
+
+  def test_integer_leaf_labelled_muon(self):
+    tx = muon_optax.scale_by_muon()
+    with pytest.raises(TypeError, match="'step'"):
+      tx.init({'step': jnp.ones((4, 4), jnp.int32)})
+
+  @pytest.mark.parametrize(
+    'kwargs, match',
+    [
+      ({'ns_coeffs': 'newton'}, 'preset'),
+      ({'ns_coeffs': np.ones((2, 4))}, r'\(3,\) or \(n, 3\)'),
+      ({'ns_steps': 0}, 'ns_steps'),
+      ({'scaling': 'spectral'}, 'scaling'),
+      ({'group_strategy': 'vmap'}, 'group_strategy'),
+      ({'beta': 1.5}, 'beta'),
+    ],
+  )
+  def test_bad_construction_arguments(self, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+      muon_optax.muon(0.1, **kwargs)
+
+  def test_bad_override_label(self):
+    with pytest.raises(ValueError, match="overrides\\['fc'\\]"):
+      muon_optax.param_labels({'fc': jnp.ones((4, 4))}, overrides={'fc': 'sgd'})
+
+
+def test_optax_dimension_numbers_are_accepted():
+  params = {
+    'qkv': jnp.asarray(
+      np.random.default_rng(0).standard_normal((32, 3, 64)), jnp.float32
+    )
+  }
+  dn = optax.contrib.MuonDimensionNumbers(reduction_axis=0, output_axis=2)
+  tx = muon_optax.scale_by_muon(matrix_views={'qkv': dn}, scaling='none')
+  u, _ = tx.update(params, tx.init(params))
+  for i in range(3):  # axis 1 is a batch: three (32, 64) matrices
+    want = muon_optax.orthogonalize(params['qkv'][:, i])
+    np.testing.assert_allclose(u['qkv'][:, i], want, atol=1e-5)
