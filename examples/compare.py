@@ -1,0 +1,369 @@
+r"""Muon vs AdamW vs SGD-Nesterov vs optax.contrib.muon, in one command.
+
+  python examples/compare.py --task {convnet,transformer} [--data PATH]
+      [--optimizers muon,adamw,sgd,optax_muon] [--seeds N]
+      [--epochs E | --steps S] [--train-size N] [--lr-grid ...] [--out DIR]
+
+For each optimizer: one seed-0 run per learning rate of its grid, judged on
+the validation split (carved from the training data; a test split is never
+looked at for this); then the other seeds at the chosen learning rate. Every
+run has the same budget and the same schedule shape (linear warm-up, linear
+decay). Writes DIR/summary.md, DIR/results.json and DIR/*.png.
+
+With no arguments: the ConvNet on scikit-learn's bundled digits, about a
+minute on two CPU cores.
+"""
+
+import argparse
+from collections.abc import Sequence
+import dataclasses
+import importlib
+import json
+import math
+import pathlib
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import optimizers
+import tqdm
+
+TASKS = ('convnet', 'transformer')
+
+#: Peak learning-rate grids (Muon's own for `muon`; its Adam part follows
+#: through `MuonConfig.adam_lr_ratio`).
+DEFAULT_GRIDS = {
+  'convnet': {
+    'muon': (0.05, 0.1, 0.2),
+    'adamw': (1e-3, 3e-3, 1e-2),
+    'sgd': (0.05, 0.1, 0.2),
+    'optax_muon': (1e-3, 3e-3, 1e-2),
+  },
+  'transformer': {
+    'muon': (3e-3, 1e-2, 3e-2),
+    'adamw': (3e-3, 1e-2, 3e-2),
+    'sgd': (0.1, 0.3, 1.0),
+    'optax_muon': (3e-3, 1e-2, 3e-2),
+  },
+}
+
+
+def _parse_grid(items: Sequence[str]) -> dict[str, tuple[float, ...]]:
+  grid = {}
+  for item in items:
+    name, sep, values = item.partition('=')
+    if not sep or name not in optimizers.OPTIMIZERS:
+      raise SystemExit(
+        f'--lr-grid takes NAME=lr1,lr2,... with NAME in '
+        f'{list(optimizers.OPTIMIZERS)}, got {item!r}.'
+      )
+    grid[name] = tuple(float(v) for v in values.split(','))
+  return grid
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(
+    description=__doc__.split('\n')[0],
+    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  )
+  p.add_argument('--task', choices=TASKS, default='convnet')
+  p.add_argument(
+    '--data',
+    default=None,
+    help='convnet: a folder with train/ (and test/) class folders or '
+    'train.tar.gz/test.tar.gz, or cifar-10-batches-py/; transformer: a text '
+    'file. Default: an embedded dataset that needs no download.',
+  )
+  p.add_argument('--optimizers', default=','.join(optimizers.OPTIMIZERS))
+  p.add_argument('--seeds', type=int, default=2)
+  budget = p.add_mutually_exclusive_group()
+  budget.add_argument('--epochs', type=float, default=None)
+  budget.add_argument('--steps', type=int, default=None)
+  p.add_argument('--train-size', type=int, default=None)
+  p.add_argument(
+    '--lr-grid',
+    nargs='+',
+    default=[],
+    metavar='NAME=LR,...',
+    help='e.g. --lr-grid muon=0.05,0.1 adamw=3e-3 (others keep the default).',
+  )
+  p.add_argument('--out', default=None, help='default: runs/<task>')
+  p.add_argument('--batch-size', type=int, default=None)
+  p.add_argument(
+    '--size',
+    choices=('tiny', 'small'),
+    default=None,
+    help='model and evaluation size; default tiny on the embedded data, '
+    'small with --data.',
+  )
+  p.add_argument('--cache-dir', default=None)
+  p.add_argument('--muon-scaling', choices=('rms', 'jordan'), default=None)
+  p.add_argument('--muon-adam-ratio', type=float, default=None)
+  p.add_argument('--muon-beta', type=float, default=None)
+  p.add_argument(
+    '--muon-override',
+    nargs='+',
+    default=[],
+    metavar='PATTERN=LABEL',
+    help="routing overrides for muon, e.g. stem=adam 'head=muon'.",
+  )
+  p.add_argument('--no-progress', action='store_true')
+  return p.parse_args(argv)
+
+
+def _task_config(task_train: Any, args: argparse.Namespace) -> Any:
+  size = args.size or ('tiny' if args.data is None else 'small')
+  config = task_train.tiny_config() if size == 'tiny' else task_train.Config()
+  changes = {}
+  if args.epochs is not None:
+    if not hasattr(config, 'epochs'):
+      raise SystemExit(
+        f'--epochs is for the convnet; use --steps for {args.task}.'
+      )
+    changes['epochs'] = args.epochs
+  if args.steps is not None:
+    changes['steps'] = args.steps
+  if args.train_size is not None:
+    changes['train_size'] = args.train_size
+  if args.batch_size is not None:
+    changes['batch_size'] = args.batch_size
+  return dataclasses.replace(config, **changes)
+
+
+def _muon_config(task_train: Any, args: argparse.Namespace):
+  config = task_train.default_muon_config()
+  changes = {}
+  if args.muon_scaling:
+    changes['scaling'] = args.muon_scaling
+  if args.muon_adam_ratio is not None:
+    changes['adam_lr_ratio'] = args.muon_adam_ratio
+  if args.muon_beta is not None:
+    changes['beta'] = args.muon_beta
+  if args.muon_override:
+    pairs = []
+    for item in args.muon_override:
+      pattern, sep, label = item.partition('=')
+      if not sep or label not in ('muon', 'adam'):
+        raise SystemExit(
+          f'--muon-override takes PATTERN=muon|adam, got {item!r}.'
+        )
+      pairs.append((pattern, label))
+    changes['overrides'] = tuple(pairs)
+  return dataclasses.replace(config, **changes)
+
+
+def _better(a: float, b: float, higher: bool) -> bool:
+  return a > b if higher else a < b
+
+
+def _mean_curve(runs: list[dict[str, Any]], key: str) -> np.ndarray:
+  n = min(len(r['history']) for r in runs)
+  return np.array([[r['history'][i][key] for i in range(n)] for r in runs])
+
+
+def _steps_to(runs, metric, higher, target):
+  """First history point where the seed-mean `metric` reaches `target`."""
+  curve = _mean_curve(runs, metric).mean(0)
+  for i, v in enumerate(curve):
+    if (v >= target) if higher else (v <= target):
+      h = runs[0]['history'][i]
+      return h['step'], h['epoch']
+  return None
+
+
+def summarize(results: dict[str, Any]) -> str:
+  """The markdown summary of a `results.json` dict."""
+  metric, higher = results['metric'], results['higher_is_better']
+  final_key = results['final_metric']
+  by_opt: dict[str, list[dict[str, Any]]] = {}
+  for r in results['runs']:
+    by_opt.setdefault(r['optimizer'], []).append(r)
+  lines = [
+    f'# {results["task"]} on {results["data"]}',
+    '',
+    f'{len(next(iter(by_opt.values())))} seed(s) per optimizer; learning '
+    f'rate chosen on seed 0 by final `{metric}`. Budget: '
+    f'{results["budget"]}.',
+    '',
+  ]
+  target = None
+  if 'adamw' in by_opt:
+    target = float(np.mean([r['history'][-1][metric] for r in by_opt['adamw']]))
+    adam_steps = by_opt['adamw'][0]['total_steps']
+    lines.append(
+      f'Target for "to reach AdamW": AdamW\'s final mean `{metric}` = '
+      f'{target:.4f}.'
+    )
+    lines.append('')
+  header = (
+    f'| optimizer | lr | {final_key} (mean ± std) | {metric} (mean ± std) '
+    "| steps (epochs) to AdamW's final | × AdamW's budget | ms / step |"
+  )
+  lines += [header, '|' + '---|' * 7]
+  for name, runs in by_opt.items():
+    finals = np.array([r['final'][final_key] for r in runs])
+    vals = np.array([r['history'][-1][metric] for r in runs])
+    reach, ratio = 'n/a', 'n/a'
+    if target is not None:
+      hit = _steps_to(runs, metric, higher, target)
+      if hit is None:
+        reach, ratio = 'not reached', '—'
+      else:
+        reach = f'{hit[0]} ({hit[1]:.2f})'
+        ratio = f'{hit[0] / adam_steps:.2f}'
+    ms = 1e3 * float(np.mean([r['step_time'] for r in runs]))
+    lines.append(
+      f'| {name} | {runs[0]["learning_rate"]:g} | '
+      f'{finals.mean():.4f} ± {finals.std():.4f} | '
+      f'{vals.mean():.4f} ± {vals.std():.4f} | {reach} | {ratio} | {ms:.1f} |'
+    )
+  lines += ['', '## Learning-rate grids (seed 0, final validation metric)', '']
+  for name, grid in results['tuning'].items():
+    cells = ', '.join(f'{lr:g}: {v:.4f}' for lr, v in grid)
+    chosen = results['chosen_lr'][name]
+    lines.append(f'- {name}: {cells} → **{chosen:g}**')
+  lines += [
+    '',
+    f'![{metric} vs step]({metric}_vs_step.png)',
+    f'![{metric} vs wall-clock]({metric}_vs_time.png)',
+    '',
+  ]
+  return '\n'.join(lines)
+
+
+def plot(results: dict[str, Any], out: pathlib.Path) -> list[pathlib.Path]:
+  """`metric` against step and against wall-clock, seed bands (min–max)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  metric = results['metric']
+  by_opt: dict[str, list[dict[str, Any]]] = {}
+  for r in results['runs']:
+    by_opt.setdefault(r['optimizer'], []).append(r)
+  paths = []
+  for xkey, xlabel, suffix in (
+    ('step', 'step', 'step'),
+    ('wall_time', 'training wall-clock (s)', 'time'),
+  ):
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for name, runs in by_opt.items():
+      y = _mean_curve(runs, metric)
+      x = _mean_curve(runs, xkey).mean(0)
+      (line,) = ax.plot(x, y.mean(0), label=name)
+      if len(runs) > 1:
+        ax.fill_between(
+          x, y.min(0), y.max(0), alpha=0.2, color=line.get_color()
+        )
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(metric)
+    ax.set_title(f'{results["task"]}: {metric} (band: min–max over seeds)')
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = out / f'{metric}_vs_{suffix}.png'
+    fig.savefig(path)
+    plt.close(fig)
+    paths.append(path)
+  return paths
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+  args = parse_args(argv)
+  task_train = importlib.import_module(f'{args.task}.train')
+  names = [n.strip() for n in args.optimizers.split(',') if n.strip()]
+  for n in names:
+    if n not in optimizers.OPTIMIZERS:
+      raise SystemExit(
+        f'Unknown optimizer {n!r}; known: {optimizers.OPTIMIZERS}.'
+      )
+  if args.seeds < 1:
+    raise SystemExit(f'--seeds must be at least 1, got {args.seeds}.')
+  grids = {**DEFAULT_GRIDS[args.task], **_parse_grid(args.lr_grid)}
+  config = _task_config(task_train, args)
+  muon_config = _muon_config(task_train, args)
+  out = pathlib.Path(args.out or f'runs/{args.task}')
+  out.mkdir(parents=True, exist_ok=True)
+  dataset = task_train.load_data(args.data, cache_dir=args.cache_dir)
+  metric, higher = task_train.METRIC, task_train.HIGHER_IS_BETTER
+
+  total = sum(len(grids[n]) + args.seeds - 1 for n in names)
+  disable = args.no_progress
+  outer = tqdm.tqdm(total=total, desc='runs', disable=disable, position=0)
+
+  def inner(**kw):
+    return tqdm.tqdm(leave=False, disable=disable, position=1, **kw)
+
+  runs, tuning, chosen = [], {}, {}
+  t0 = time.time()
+  for name in names:
+    scores, best = [], None
+    for lr in grids[name]:
+      r = task_train.train_and_evaluate(
+        config,
+        dataset,
+        optimizer=name,
+        learning_rate=lr,
+        seed=0,
+        muon_config=muon_config,
+        progress=inner,
+      )
+      score = r['history'][-1][metric]
+      if not math.isfinite(score):
+        score = -math.inf if higher else math.inf
+      scores.append((lr, score))
+      if best is None or _better(score, best[1], higher):
+        best = (r, score)
+      outer.update()
+    tuning[name], chosen[name] = scores, best[0]['learning_rate']
+    tqdm.tqdm.write(
+      f'{name}: lr {chosen[name]:g} ({metric} {best[1]:.4f} on seed 0)'
+    )
+    runs.append(best[0])
+    for seed in range(1, args.seeds):
+      runs.append(
+        task_train.train_and_evaluate(
+          config,
+          dataset,
+          optimizer=name,
+          learning_rate=chosen[name],
+          seed=seed,
+          muon_config=muon_config,
+          progress=inner,
+        )
+      )
+      outer.update()
+  outer.close()
+
+  final_metric = task_train.final_metric(dataset)
+  results = {
+    'task': args.task,
+    'data': args.data or task_train.EMBEDDED_DATA,
+    'metric': metric,
+    'higher_is_better': higher,
+    'final_metric': final_metric,
+    'budget': task_train.describe_budget(config, runs[0]),
+    'config': dataclasses.asdict(config),
+    'muon_config': dataclasses.asdict(muon_config),
+    'grids': {n: list(grids[n]) for n in names},
+    'chosen_lr': chosen,
+    'tuning': tuning,
+    'command': ' '.join(['python', 'examples/compare.py', *sys.argv[1:]])
+    if argv is None
+    else ' '.join(['python', 'examples/compare.py', *argv]),
+    'total_seconds': time.time() - t0,
+    'runs': runs,
+  }
+  (out / 'results.json').write_text(json.dumps(results, indent=1))
+  plot(results, out)
+  summary = summarize(results)
+  (out / 'summary.md').write_text(summary)
+  print(summary)
+  print(f'Wrote {out}/summary.md, results.json and plots.')
+  return results
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,46 @@
+"""`compare.main` end to end on a tiny config: results.json has the schema."""
+
+import json
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+import compare  # noqa: E402
+
+
+def test_convnet_end_to_end(tmp_path):
+  compare.main(
+    [
+      '--epochs=1',
+      '--train-size=128',
+      '--seeds=2',
+      '--optimizers=muon,adamw',
+      '--lr-grid',
+      'muon=0.05,0.1',
+      'adamw=3e-3',
+      '--out',
+      str(tmp_path),
+      '--no-progress',
+    ]
+  )
+  results = json.loads((tmp_path / 'results.json').read_text())
+  assert results['task'] == 'convnet'
+  assert results['data'] == 'sklearn digits'
+  assert len(results['runs']) == 4
+  for run in results['runs']:
+    assert set(run) >= {
+      'optimizer',
+      'seed',
+      'learning_rate',
+      'final',
+      'history',
+    }
+    assert 'test_accuracy' in run['final']
+    for h in run['history']:
+      assert set(h) >= {'step', 'epoch', 'wall_time', 'train_loss'}
+      assert 'val_accuracy' in h
+  assert [len(v) for v in results['tuning'].values()] == [2, 1]
+  assert (tmp_path / 'summary.md').exists()
+  assert (tmp_path / 'val_accuracy_vs_step.png').exists()
+  assert (tmp_path / 'val_accuracy_vs_time.png').exists()
