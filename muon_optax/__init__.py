@@ -2,6 +2,11 @@
 
 from muon_optax._alias import muon
 from muon_optax._coeffs import resolve_ns_coeffs
+from muon_optax._diagnostics import UpdateStatsState
+from muon_optax._diagnostics import describe
+from muon_optax._diagnostics import diagnostics
+from muon_optax._diagnostics import orthogonality_error
+from muon_optax._diagnostics import record_update_stats
 from muon_optax._newton_schulz import default_compute_dtype
 from muon_optax._newton_schulz import orthogonalize
 from muon_optax._routing import matrix_views
@@ -16,12 +21,17 @@ __version__ = '0.1.0'
 __all__ = (
   'MatrixView',
   'MuonState',
+  'UpdateStatsState',
   'default_compute_dtype',
   'default_group_strategy',
+  'describe',
+  'diagnostics',
   'matrix_views',
   'muon',
+  'orthogonality_error',
   'orthogonalize',
   'param_labels',
+  'record_update_stats',
   'resolve_ns_coeffs',
   'scale_by_muon',
 )

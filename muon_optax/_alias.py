@@ -6,6 +6,7 @@ from typing import Any
 import jax
 import optax
 
+from muon_optax import _diagnostics
 from muon_optax import _newton_schulz
 from muon_optax import _paths
 from muon_optax import _routing
@@ -85,6 +86,8 @@ def muon(
   param_labels: ParamLabels = None,
   matrix_views: _transform.MatrixViews = None,
   group_strategy: str = 'auto',
+  diagnostics: bool = False,
+  mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
 ) -> optax.GradientTransformation:
   r"""Muon for weight matrices (conv kernels included), AdamW for the rest.
 
@@ -128,6 +131,13 @@ def muon(
     matrix_views: see `scale_by_muon`; None takes the views from the module
       when `param_labels` is one, and from shapes and names otherwise.
     group_strategy: see `scale_by_muon`.
+    diagnostics: record per-leaf metrics every step (Muon's orthogonality
+      error, momentum norm, and every leaf's applied update RMS and its ratio
+      to the weight RMS), read with `muon_optax.diagnostics(state)`. The
+      state then gains a `record_update_stats` entry; off, nothing is
+      computed.
+    mesh: the device mesh to split Muon's Newton–Schulz work over; None uses
+      the ambient mesh (`jax.set_mesh`), if any. See `scale_by_muon`.
 
   Returns:
     An `optax.GradientTransformation`.
@@ -167,6 +177,8 @@ def muon(
       compute_dtype=compute_dtype,
       matrix_views=matrix_views,
       group_strategy=group_strategy,
+      diagnostics=diagnostics,
+      mesh=mesh,
     ),
     optax.add_decayed_weights(weight_decay, _mask_fn(weight_decay_mask)),
     optax.scale_by_learning_rate(learning_rate),
@@ -179,7 +191,10 @@ def muon(
     weight_decay=adam_weight_decay,
     mu_dtype=mu_dtype,
   )
-  return optax.partition(
+  tx = optax.partition(
     {_routing.MUON: muon_tx, _routing.ADAM: adam_tx},
     _label_fn(param_labels),
   )
+  if diagnostics:
+    tx = optax.chain(tx, _diagnostics.record_update_stats())
+  return tx

@@ -75,9 +75,15 @@ def resolve_ns_coeffs(ns_coeffs: NsCoeffs, ns_steps: int) -> NewtonSchulzPlan:
       integer.
   """
   if isinstance(ns_steps, bool) or not isinstance(ns_steps, (int, np.integer)):
+    # optax.inject_hyperparams turns every numeric default into an array.
+    hint = (
+      " With optax.inject_hyperparams, pass static_args=('ns_steps', 'eps')."
+      if hasattr(ns_steps, 'shape')
+      else ''
+    )
     raise TypeError(
       f'`ns_steps` must be a Python int, got {ns_steps!r} of type '
-      f'{type(ns_steps).__name__}.'
+      f'{type(ns_steps).__name__}.{hint}'
     )
   if ns_steps < 1:
     raise ValueError(f'`ns_steps` must be at least 1, got {ns_steps=}.')

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from muon_optax import _paths
+from muon_optax import _views
 from muon_optax._views import MatrixView
 
 MUON = 'muon'
@@ -244,6 +245,18 @@ def route(
       raise ValueError(
         f'`overrides[{pattern!r}]` is {label!r}; the labels are {list(LABELS)}.'
       )
+  view_overrides = {
+    pattern: view
+    if view is None
+    else _views.as_matrix_view(view, f'`overrides[{pattern!r}]`')
+    for pattern, view in (view_overrides or {}).items()
+  }
+  # min_side 0 would divide by a zero side; max_aspect < 1 sends every
+  # matrix to Adam.
+  if not min_side >= 1:
+    raise ValueError(f'`min_side` must be at least 1, got {min_side=}.')
+  if not max_aspect >= 1:
+    raise ValueError(f'`max_aspect` must be at least 1, got {max_aspect=}.')
   if _is_module(params_or_module):
     if stacked:
       raise ValueError(
@@ -267,7 +280,10 @@ def route(
     if hit is not None:
       view, why = hit[1], f'view override {hit[0]!r}'
     if label == MUON and view is not None:
-      resolved = view.resolve(shapes[path])
+      try:
+        resolved = view.resolve(shapes[path])
+      except ValueError as e:
+        raise ValueError(f'Parameter {path!r}: {e}') from None
       if is_degenerate(
         resolved.matrix_shape, min_side=min_side, max_aspect=max_aspect
       ):

@@ -1,6 +1,7 @@
 """`scale_by_muon`: momentum, then Newton–Schulz on each matrix view."""
 
 from collections.abc import Callable
+import functools
 from typing import Any
 from typing import NamedTuple
 
@@ -10,6 +11,8 @@ import numpy as np
 import optax
 
 from muon_optax import _coeffs
+from muon_optax import _diagnostics
+from muon_optax import _distributed
 from muon_optax import _newton_schulz
 from muon_optax import _paths
 from muon_optax import _routing
@@ -28,6 +31,8 @@ class MuonState(NamedTuple):
 
   count: jax.Array  # shape=(), dtype=int32
   momentum: optax.Updates
+  # {path: {metric: scalar}} with `diagnostics=True`, else None (no leaves).
+  diagnostics: dict[str, dict[str, jax.Array]] | None = None
 
 
 def default_group_strategy(backend: str | None = None) -> str:
@@ -144,6 +149,8 @@ def scale_by_muon(
   compute_dtype: jax.typing.DTypeLike | None = None,
   matrix_views: MatrixViews = None,
   group_strategy: str = 'auto',
+  diagnostics: bool = False,
+  mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
 ) -> optax.GradientTransformation:
   r"""Momentum, orthogonalized by Newton–Schulz, scaled by the matrix shape.
 
@@ -175,6 +182,13 @@ def scale_by_muon(
   matrix), `'map'` (`lax.map` over the stack), or `'auto'` (per backend, see
   `default_group_strategy`).
 
+  On a mesh of several devices (`mesh`, or the ambient one of `jax.set_mesh`)
+  the Newton–Schulz work is split: every device orthogonalizes a share of
+  each group (padded to a multiple of the device count) and large left-over
+  matrices are sharded inside the matmuls; updates and state keep the
+  parameters' shardings (see the README, "Multi-device and multi-host").
+  Without a mesh, or with one device, this is the single-device path.
+
   Every leaf this transformation receives must have a matrix view: use `muon`
   (or `optax.partition`) to send the others elsewhere.
 
@@ -192,6 +206,12 @@ def scale_by_muon(
       of `MatrixView` / `optax.contrib.MuonDimensionNumbers` / None (default)
       matched by path, or a callable from params to such a tree.
     group_strategy: `'auto'`, `'stack'`, `'unroll'` or `'map'`.
+    diagnostics: record, per leaf and step, the orthogonality error of the
+      Newton–Schulz output, the momentum norm and the update RMS in
+      `MuonState.diagnostics` (read them with `muon_optax.diagnostics`). Off,
+      nothing is computed and the field is None.
+    mesh: the device mesh to split the Newton–Schulz work over; None uses the
+      ambient mesh (`jax.set_mesh`), if any.
 
   Returns:
     A `GradientTransformation` whose state is a `MuonState`.
@@ -221,12 +241,16 @@ def scale_by_muon(
   compute_dtype = _newton_schulz.canonical_compute_dtype(compute_dtype)
   mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
   eps = float(eps)
+  _distributed.validate_mesh(mesh)
 
   def init_fn(params):
     resolve_leaves(params, matrix_views)  # raises on a non-matrix leaf
     return MuonState(
       count=jnp.zeros([], jnp.int32),
       momentum=optax.tree.zeros_like(params, dtype=mu_dtype),
+      diagnostics=(
+        _diagnostics.zero_muon_metrics(params) if diagnostics else None
+      ),
     )
 
   def update_fn(updates, state, params=None):
@@ -246,7 +270,13 @@ def scale_by_muon(
     strategy = (
       default_group_strategy() if group_strategy == 'auto' else group_strategy
     )
-    orthogonal = _orthogonalize_groups(
+    dist_mesh = _distributed.resolve_mesh(mesh)
+    orthogonalize = _orthogonalize_groups
+    if dist_mesh is not None:
+      orthogonalize = functools.partial(
+        _distributed.orthogonalize_groups, mesh=dist_mesh
+      )
+    orthogonal = orthogonalize(
       mats,
       scales,
       plan=plan,
@@ -258,10 +288,24 @@ def scale_by_muon(
     for leaf, o in zip(leaves, orthogonal, strict=True):
       g = grads[leaf.index]
       new_flat[leaf.index] = leaf.view.from_matrices(o).astype(g.dtype)
+    if dist_mesh is not None:
+      new_flat = _distributed.restore_shardings(new_flat, grads)
     new_updates = jax.tree.unflatten(treedef, new_flat)
+    metrics = None
+    if diagnostics:
+      new_momentum = jax.tree.leaves(momentum)
+      metrics = {
+        leaf.path: _diagnostics.muon_leaf_metrics(
+          o, s, new_momentum[leaf.index]
+        )
+        for leaf, o, s in zip(leaves, orthogonal, scales, strict=True)
+      }
     return new_updates, MuonState(
       count=optax.safe_increment(state.count),
       momentum=optax.tree.cast(momentum, mu_dtype),
+      diagnostics=metrics,
     )
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformation(
+    init_fn, _distributed.with_auto_axes(update_fn, mesh)
+  )

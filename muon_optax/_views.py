@@ -7,11 +7,24 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
-def _axes(axes: int | Sequence[int]) -> tuple[int, ...]:
-  if isinstance(axes, int):
-    return (axes,)
+def _is_int(a: Any) -> bool:
+  return isinstance(a, (int, np.integer)) and not isinstance(a, bool)
+
+
+def _axes(
+  axes: int | Sequence[int], what: str = 'MatrixView axes'
+) -> tuple[int, ...]:
+  if _is_int(axes):
+    return (int(axes),)
+  # A float axis would be truncated and a string split into characters.
+  ok = isinstance(axes, Sequence) and not isinstance(axes, (str, bytes))
+  if not ok or not all(_is_int(a) for a in axes):
+    raise TypeError(
+      f'{what} must be an int or a sequence of ints, got {axes!r}.'
+    )
   return tuple(int(a) for a in axes)
 
 
@@ -34,8 +47,9 @@ class MatrixView:
   output_axes: tuple[int, ...]
 
   def __post_init__(self):
-    object.__setattr__(self, 'reduction_axes', _axes(self.reduction_axes))
-    object.__setattr__(self, 'output_axes', _axes(self.output_axes))
+    for name in ('reduction_axes', 'output_axes'):
+      axes = _axes(getattr(self, name), f'`MatrixView.{name}`')
+      object.__setattr__(self, name, axes)
 
   @classmethod
   def dense(cls) -> 'MatrixView':

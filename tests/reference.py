@@ -8,6 +8,7 @@ folding of coefficients, no grouping.
 import numpy as np
 
 JORDAN = (3.4445, -4.7750, 2.0315)
+JORDAN_STEPS = (JORDAN,) * 5
 
 
 def polar_factor(x: np.ndarray) -> np.ndarray:
