@@ -97,6 +97,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     help='model and evaluation size; default tiny on the embedded data, '
     'small with --data.',
   )
+  p.add_argument(
+    '--set',
+    nargs='+',
+    default=[],
+    metavar='FIELD=VALUE',
+    help='any other field of the task Config, e.g. eval_every=25 '
+    'widths=16,32,64.',
+  )
   p.add_argument('--cache-dir', default=None)
   p.add_argument('--muon-scaling', choices=('rms', 'jordan'), default=None)
   p.add_argument('--muon-adam-ratio', type=float, default=None)
@@ -128,6 +136,22 @@ def _task_config(task_train: Any, args: argparse.Namespace) -> Any:
     changes['train_size'] = args.train_size
   if args.batch_size is not None:
     changes['batch_size'] = args.batch_size
+  fields = {f.name: f for f in dataclasses.fields(config)}
+  for item in args.set:
+    name, sep, value = item.partition('=')
+    if not sep or name not in fields:
+      raise SystemExit(
+        f'--set takes FIELD=VALUE with FIELD in {list(fields)}, got {item!r}.'
+      )
+    current = getattr(config, name)
+    if isinstance(current, tuple):
+      changes[name] = tuple(int(v) for v in value.split(','))
+    elif isinstance(current, bool):
+      changes[name] = value.lower() in ('1', 'true', 'yes')
+    elif isinstance(current, float):
+      changes[name] = float(value)
+    else:
+      changes[name] = int(value)
   return dataclasses.replace(config, **changes)
 
 
@@ -286,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   muon_config = _muon_config(task_train, args)
   out = pathlib.Path(args.out or f'runs/{args.task}')
   out.mkdir(parents=True, exist_ok=True)
-  dataset = task_train.load_data(args.data, cache_dir=args.cache_dir)
+  dataset = task_train.load_data(args.data, config, cache_dir=args.cache_dir)
   metric, higher = task_train.METRIC, task_train.HIGHER_IS_BETTER
 
   total = sum(len(grids[n]) + args.seeds - 1 for n in names)

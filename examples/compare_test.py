@@ -44,3 +44,35 @@ def test_convnet_end_to_end(tmp_path):
   assert (tmp_path / 'summary.md').exists()
   assert (tmp_path / 'val_accuracy_vs_step.png').exists()
   assert (tmp_path / 'val_accuracy_vs_time.png').exists()
+
+
+def test_transformer_end_to_end(tmp_path):
+  compare.main(
+    [
+      '--task=transformer',
+      '--steps=4',
+      '--seeds=2',
+      '--optimizers=muon,adamw',
+      '--lr-grid',
+      'muon=0.01',
+      'adamw=0.01',
+      '--set',
+      'd_model=16',
+      'context=16',
+      'batch_size=4',
+      'eval_every=2',
+      'eval_windows=8',
+      'max_bytes=20000',
+      '--out',
+      str(tmp_path),
+      '--no-progress',
+    ]
+  )
+  results = json.loads((tmp_path / 'results.json').read_text())
+  assert results['task'] == 'transformer'
+  assert len(results['runs']) == 4
+  for run in results['runs']:
+    assert set(run['final']) == {'val_loss'}
+    assert [h['step'] for h in run['history']] == [2, 4]
+    assert all('val_loss' in h for h in run['history'])
+  assert (tmp_path / 'val_loss_vs_time.png').exists()

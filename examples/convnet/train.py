@@ -280,8 +280,9 @@ EMBEDDED_DATA = 'sklearn digits'
 
 
 def load_data(
-  data: str | None, cache_dir: str | None = None
+  data: str | None, config: Config, cache_dir: str | None = None
 ) -> input_pipeline.Dataset:
+  del config  # every config reads the same images
   return input_pipeline.load(data, cache_dir)
 
 

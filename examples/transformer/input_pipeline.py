@@ -1,0 +1,81 @@
+"""Bytes of a text file as tokens; the last 10% is the validation split."""
+
+from collections.abc import Iterator
+import os
+import pathlib
+import sysconfig
+from typing import NamedTuple
+
+import numpy as np
+
+VOCAB_SIZE = 256  # bytes: any text file works, no vocabulary to build
+
+
+class Corpus(NamedTuple):
+  train: np.ndarray  # uint8 tokens
+  val: np.ndarray
+  source: str
+
+
+def stdlib_text(max_bytes: int = 2_000_000) -> bytes:
+  """Python's standard-library sources, sorted by name, capped in size.
+
+  Needs no download; it depends on the Python version, which is part of the
+  source description.
+  """
+  root = pathlib.Path(sysconfig.get_paths()['stdlib'])
+  chunks, size = [], 0
+  for path in sorted(root.glob('*.py')):
+    data = path.read_bytes()
+    chunks.append(data)
+    size += len(data)
+    if size >= max_bytes:
+      break
+  return b''.join(chunks)[:max_bytes]
+
+
+def load(
+  data: str | os.PathLike | None = None,
+  max_bytes: int = 2_000_000,
+) -> Corpus:
+  """Splits the text at 90%: train before, validation after."""
+  if data is None:
+    text = stdlib_text(max_bytes)
+    source = f'Python {sysconfig.get_python_version()} stdlib *.py'
+  else:
+    path = pathlib.Path(data).expanduser()
+    if not path.is_file():
+      raise FileNotFoundError(f'`--data` {str(path)!r} is not a text file.')
+    text, source = path.read_bytes(), str(path)
+  tokens = np.frombuffer(text, np.uint8)
+  cut = int(len(tokens) * 0.9)
+  return Corpus(tokens[:cut], tokens[cut:], source)
+
+
+def batches(
+  tokens: np.ndarray, batch_size: int, context: int, rng: np.random.Generator
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """Endless random windows: (inputs, next-byte targets), int32."""
+  if len(tokens) <= context + 1:
+    raise ValueError(
+      f'The text ({len(tokens)} bytes) is shorter than `context` + 1.'
+    )
+  offsets = np.arange(context + 1)
+  while True:
+    starts = rng.integers(0, len(tokens) - context - 1, batch_size)
+    windows = tokens[starts[:, None] + offsets].astype(np.int32)
+    yield windows[:, :-1], windows[:, 1:]
+
+
+def eval_windows(
+  tokens: np.ndarray, context: int, max_windows: int
+) -> tuple[np.ndarray, np.ndarray]:
+  """Non-overlapping windows from the start of `tokens`, at most `max_windows`."""
+  n = min(max_windows, (len(tokens) - 1) // context)
+  if n < 1:
+    raise ValueError(
+      f'The split ({len(tokens)} bytes) is shorter than `context`.'
+    )
+  x = tokens[: n * context].reshape(n, context).astype(np.int32)
+  y = tokens[1 : n * context + 1].reshape(n, context).astype(np.int32)
+  return x, y
