@@ -302,11 +302,12 @@ def _load_models():
   try:
     from examples.transformer import models as tm  # pylint: disable=import-outside-toplevel
 
-    tm.Transformer  # noqa: B018
-    transformer = None  # the example's constructor is not known here
-  except (ImportError, AttributeError):
-    transformer = None
-  if transformer is None:
+    transformer = lambda: tm.Transformer(65, 64, rngs=nnx.Rngs(0))
+    source['transformer'] = (
+      'examples/transformer/models.py (Transformer, defaults: 2 layers, '
+      'd128, 4 heads; vocab 65, context 64)'
+    )
+  except ImportError:
     transformer = lambda: own.Transformer(rngs=nnx.Rngs(0))
     source['transformer'] = (
       'benchmarks/models.py (2 layers, d128, 4 heads, seq 64, vocab 65)'
@@ -334,13 +335,19 @@ def _train_step(model: nnx.Module, tx: optax.GradientTransformation):
 
 
 def _muon_ns_flops(model: nnx.Module) -> float:
+  """NS FLOPs of one update, on the matrix views muon_optax uses."""
   labels = jax.tree.leaves(muon_optax.param_labels(model))
   params = jax.tree.leaves(nnx.state(model, nnx.Param))
+  views = jax.tree.leaves(
+    muon_optax.matrix_views(model),
+    is_leaf=lambda v: v is None or isinstance(v, muon_optax.MatrixView),
+  )
   total = 0
-  for p, lab in zip(params, labels, strict=True):
+  for p, lab, view in zip(params, labels, views, strict=True):
     if lab == 'muon':
-      *fan_in, fan_out = p.shape
-      total += ns_flops(int(np.prod(fan_in)), fan_out)
+      view = view or muon_optax.MatrixView.conv(p.ndim - 2)
+      r = view.resolve(p.shape)
+      total += r.num_matrices * ns_flops(*r.matrix_shape)
   return float(total)
 
 
