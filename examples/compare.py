@@ -88,6 +88,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     metavar='NAME=LR,...',
     help='e.g. --lr-grid muon=0.05,0.1 adamw=3e-3 (others keep the default).',
   )
+  p.add_argument(
+    '--tune-budget',
+    type=float,
+    default=1.0,
+    help='fraction of the budget (same schedule shape, compressed) for the '
+    'learning-rate search; at 1.0 the chosen seed-0 run is reused.',
+  )
   p.add_argument('--out', default=None, help='default: runs/<task>')
   p.add_argument('--batch-size', type=int, default=None)
   p.add_argument(
@@ -207,7 +214,8 @@ def summarize(results: dict[str, Any]) -> str:
     f'# {results["task"]} on {results["data"]}',
     '',
     f'{len(next(iter(by_opt.values())))} seed(s) per optimizer; learning '
-    f'rate chosen on seed 0 by final `{metric}`. Budget: '
+    f'rate chosen on seed 0 by final `{metric}` after '
+    f'{results.get("tune_budget", 1.0):g}× the budget. Budget: '
     f'{results["budget"]}.',
     '',
   ]
@@ -242,7 +250,11 @@ def summarize(results: dict[str, Any]) -> str:
       f'{finals.mean():.4f} ± {finals.std():.4f} | '
       f'{vals.mean():.4f} ± {vals.std():.4f} | {reach} | {ratio} | {ms:.1f} |'
     )
-  lines += ['', '## Learning-rate grids (seed 0, final validation metric)', '']
+  lines += [
+    '',
+    '## Learning-rate grids (seed 0, validation metric at the end of tuning)',
+    '',
+  ]
   for name, grid in results['tuning'].items():
     cells = ', '.join(f'{lr:g}: {v:.4f}' for lr, v in grid)
     chosen = results['chosen_lr'][name]
@@ -294,6 +306,16 @@ def plot(results: dict[str, Any], out: pathlib.Path) -> list[pathlib.Path]:
   return paths
 
 
+def _log_run(run: dict[str, Any], metric: str, path: pathlib.Path) -> None:
+  tqdm.tqdm.write(
+    f'  {run["optimizer"]} lr={run["learning_rate"]:g} seed={run["seed"]}: '
+    f'{metric} {run["history"][-1][metric]:.4f}, '
+    f'{1e3 * run["step_time"]:.0f} ms/step'
+  )
+  with path.open('a') as f:
+    f.write(json.dumps(run) + '\n')
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
   task_train = importlib.import_module(f'{args.task}.train')
@@ -313,7 +335,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   dataset = task_train.load_data(args.data, config, cache_dir=args.cache_dir)
   metric, higher = task_train.METRIC, task_train.HIGHER_IS_BETTER
 
-  total = sum(len(grids[n]) + args.seeds - 1 for n in names)
+  reuse = args.tune_budget >= 1.0
+  tune_config = config
+  if not reuse:
+    tune_config = task_train.scale_budget(config, args.tune_budget)
+  total = sum(len(grids[n]) + args.seeds - reuse for n in names)
   disable = args.no_progress
   outer = tqdm.tqdm(total=total, desc='runs', disable=disable, position=0)
 
@@ -322,11 +348,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
   runs, tuning, chosen = [], {}, {}
   t0 = time.time()
+  partial = out / 'runs.partial.jsonl'  # one line per finished run
+  partial.write_text('')
   for name in names:
     scores, best = [], None
     for lr in grids[name]:
       r = task_train.train_and_evaluate(
-        config,
+        tune_config,
         dataset,
         optimizer=name,
         learning_rate=lr,
@@ -334,6 +362,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         muon_config=muon_config,
         progress=inner,
       )
+      _log_run(r, metric, partial)
       score = r['history'][-1][metric]
       if not math.isfinite(score):
         score = -math.inf if higher else math.inf
@@ -345,19 +374,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     tqdm.tqdm.write(
       f'{name}: lr {chosen[name]:g} ({metric} {best[1]:.4f} on seed 0)'
     )
-    runs.append(best[0])
-    for seed in range(1, args.seeds):
-      runs.append(
-        task_train.train_and_evaluate(
-          config,
-          dataset,
-          optimizer=name,
-          learning_rate=chosen[name],
-          seed=seed,
-          muon_config=muon_config,
-          progress=inner,
-        )
+    first_seed = 0 if reuse else 1
+    if reuse:
+      runs.append(best[0])
+    for seed in range(first_seed, args.seeds):
+      r = task_train.train_and_evaluate(
+        config,
+        dataset,
+        optimizer=name,
+        learning_rate=chosen[name],
+        seed=seed,
+        muon_config=muon_config,
+        progress=inner,
       )
+      _log_run(r, metric, partial)
+      runs.append(r)
       outer.update()
   outer.close()
 
@@ -370,6 +401,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     'final_metric': final_metric,
     'budget': task_train.describe_budget(config, runs[0]),
     'config': dataclasses.asdict(config),
+    'tune_budget': args.tune_budget,
     'muon_config': dataclasses.asdict(muon_config),
     'grids': {n: list(grids[n]) for n in names},
     'chosen_lr': chosen,

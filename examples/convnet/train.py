@@ -304,3 +304,7 @@ def describe_budget(config: Config, run: dict[str, Any]) -> str:
     f'{run["total_steps"]} steps = {config.epochs:g} epochs of '
     f'{run["steps_per_epoch"]} batches of {config.batch_size}'
   )
+
+
+def scale_budget(config: Config, fraction: float) -> Config:
+  return dataclasses.replace(config, epochs=config.epochs * fraction)

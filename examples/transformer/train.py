@@ -236,3 +236,10 @@ def train_and_evaluate(
     out.mkdir(parents=True, exist_ok=True)
     (out / 'result.json').write_text(json.dumps(result, indent=1))
   return result
+
+
+def scale_budget(config: Config, fraction: float) -> Config:
+  steps = max(1, int(round(config.steps * fraction)))
+  return dataclasses.replace(
+    config, steps=steps, eval_every=min(config.eval_every, steps)
+  )
