@@ -1,0 +1,48 @@
+"""A 2,000-step run of the Transformer example with muon stays finite.
+
+Slow (minutes on a CPU), so outside the default suite:
+
+  python -m pytest tests/test_stability.py -m slow -q -s
+"""
+
+import dataclasses
+import math
+import pathlib
+import sys
+
+import pytest
+
+_EXAMPLES = str(pathlib.Path(__file__).resolve().parents[1] / 'examples')
+
+STEPS = 2_000
+# The top of compare.py's muon grid for the Transformer: the least stable.
+LEARNING_RATE = 3e-2
+
+
+@pytest.mark.slow
+def test_transformer_example_2000_steps_stays_finite():
+  if _EXAMPLES not in sys.path:
+    sys.path.insert(0, _EXAMPLES)
+  from transformer import train  # pylint: disable=g-import-not-at-top
+
+  config = dataclasses.replace(
+    train.Config(), steps=STEPS, eval_every=250, eval_windows=256
+  )
+  corpus = train.load_data(None, config)
+  result = train.train_and_evaluate(
+    config, corpus, optimizer='muon', learning_rate=LEARNING_RATE
+  )
+  history = result['history']
+  for h in history:
+    print(
+      f'step {h["step"]:5d}  train_loss {h["train_loss"]:.4f}  '
+      f'val_loss {h["val_loss"]:.4f}  wall {h["wall_time"]:.1f}s'
+    )
+  print(f'step_time {1e3 * result["step_time"]:.1f} ms')
+  assert [h['step'] for h in history][-1] == STEPS
+  for h in history:
+    assert math.isfinite(h['train_loss']), h
+    assert math.isfinite(h['val_loss']), h
+  # Bytes: a uniform guess is ln 256 = 5.55 nats.
+  assert history[-1]['val_loss'] < 0.6 * math.log(256)
+  assert history[-1]['val_loss'] <= min(h['val_loss'] for h in history) + 0.1
