@@ -123,6 +123,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     metavar='PATTERN=LABEL',
     help="routing overrides for muon, e.g. stem=adam 'head=muon'.",
   )
+  p.add_argument(
+    '--merge',
+    nargs='+',
+    default=None,
+    metavar='DIR',
+    help='train nothing: rebuild summary.md, results.json and plots in --out '
+    'from the runs.partial.jsonl of these runs (e.g. extra seeds run '
+    'separately). Full-budget runs are the results; shorter ones the grid.',
+  )
   p.add_argument('--no-progress', action='store_true')
   return p.parse_args(argv)
 
@@ -316,9 +325,73 @@ def _log_run(run: dict[str, Any], metric: str, path: pathlib.Path) -> None:
     f.write(json.dumps(run) + '\n')
 
 
+def merge(args: argparse.Namespace, task_train: Any) -> dict[str, Any]:
+  """Results from the `runs.partial.jsonl` files of earlier invocations."""
+  metric, higher = task_train.METRIC, task_train.HIGHER_IS_BETTER
+  lines = []
+  for d in args.merge:
+    path = pathlib.Path(d) / 'runs.partial.jsonl'
+    lines += [json.loads(x) for x in path.read_text().splitlines() if x]
+  full = max(r['total_steps'] for r in lines)
+  runs, tuning, seen = [], {}, set()
+  for r in lines:
+    key = (r['optimizer'], r['seed'])
+    if r['total_steps'] == full and key not in seen:
+      seen.add(key)
+      runs.append(r)
+    elif r['total_steps'] < full:
+      tuning.setdefault(r['optimizer'], []).append(
+        (r['learning_rate'], r['history'][-1][metric])
+      )
+  order = {n: i for i, n in enumerate(optimizers.OPTIMIZERS)}
+  runs.sort(key=lambda r: (order[r['optimizer']], r['seed']))
+  chosen = {r['optimizer']: r['learning_rate'] for r in runs}
+  for name in chosen:
+    if name not in tuning:  # tuned at the full budget: the seed-0 runs
+      tuning[name] = [
+        (r['learning_rate'], r['history'][-1][metric])
+        for r in runs
+        if r['optimizer'] == name and r['seed'] == 0
+      ]
+  last = runs[0]['history'][-1]
+  results = {
+    'task': args.task,
+    'data': args.data or task_train.EMBEDDED_DATA,
+    'metric': metric,
+    'higher_is_better': higher,
+    'final_metric': next(iter(runs[0]['final'])),
+    'budget': f'{full} steps ({last["epoch"]:.2f} epochs)',
+    'tune_budget': min(
+      [r['total_steps'] / full for r in lines if r['total_steps'] < full],
+      default=1.0,
+    ),
+    'chosen_lr': chosen,
+    'tuning': {n: tuning[n] for n in chosen},
+    'merged_from': list(args.merge),
+    'command': ' '.join(['python', 'examples/compare.py', *sys.argv[1:]]),
+    'runs': runs,
+  }
+  return results
+
+
+def _write(results: dict[str, Any], out: pathlib.Path) -> None:
+  (out / 'results.json').write_text(json.dumps(results, indent=1))
+  plot(results, out)
+  summary = summarize(results)
+  (out / 'summary.md').write_text(summary)
+  print(summary)
+  print(f'Wrote {out}/summary.md, results.json and plots.')
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
   task_train = importlib.import_module(f'{args.task}.train')
+  if args.merge:
+    out = pathlib.Path(args.out or f'runs/{args.task}')
+    out.mkdir(parents=True, exist_ok=True)
+    results = merge(args, task_train)
+    _write(results, out)
+    return results
   names = [n.strip() for n in args.optimizers.split(',') if n.strip()]
   for n in names:
     if n not in optimizers.OPTIMIZERS:
@@ -374,7 +447,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     tqdm.tqdm.write(
       f'{name}: lr {chosen[name]:g} ({metric} {best[1]:.4f} on seed 0)'
     )
-    first_seed = 0 if reuse else 1
+    first_seed = 1 if reuse else 0
     if reuse:
       runs.append(best[0])
     for seed in range(first_seed, args.seeds):
@@ -412,12 +485,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     'total_seconds': time.time() - t0,
     'runs': runs,
   }
-  (out / 'results.json').write_text(json.dumps(results, indent=1))
-  plot(results, out)
-  summary = summarize(results)
-  (out / 'summary.md').write_text(summary)
-  print(summary)
-  print(f'Wrote {out}/summary.md, results.json and plots.')
+  _write(results, out)
   return results
 
 
