@@ -237,11 +237,12 @@ def summarize(results: dict[str, Any]) -> str:
       f'{target:.4f}.'
     )
     lines.append('')
-  header = (
-    f'| optimizer | lr | {final_key} (mean ± std) | {metric} (mean ± std) '
-    "| steps (epochs) to AdamW's final | × AdamW's budget | ms / step |"
-  )
-  lines += [header, '|' + '---|' * 7]
+  both = final_key != metric
+  cols = ['optimizer', 'lr', f'{final_key} (mean ± std)']
+  if both:
+    cols.append(f'final {metric} (mean ± std)')
+  cols += ["steps (epochs) to AdamW's final", "× AdamW's budget", 'ms / step']
+  lines += ['| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
   for name, runs in by_opt.items():
     finals = np.array([r['final'][final_key] for r in runs])
     vals = np.array([r['history'][-1][metric] for r in runs])
@@ -254,11 +255,12 @@ def summarize(results: dict[str, Any]) -> str:
         reach = f'{hit[0]} ({hit[1]:.2f})'
         ratio = f'{hit[0] / adam_steps:.2f}'
     ms = 1e3 * float(np.mean([r['step_time'] for r in runs]))
-    lines.append(
-      f'| {name} | {runs[0]["learning_rate"]:g} | '
-      f'{finals.mean():.4f} ± {finals.std():.4f} | '
-      f'{vals.mean():.4f} ± {vals.std():.4f} | {reach} | {ratio} | {ms:.1f} |'
-    )
+    cells = [name, f'{runs[0]["learning_rate"]:g}']
+    cells.append(f'{finals.mean():.4f} ± {finals.std():.4f}')
+    if both:
+      cells.append(f'{vals.mean():.4f} ± {vals.std():.4f}')
+    cells += [reach, ratio, f'{ms:.0f}']
+    lines.append('| ' + ' | '.join(cells) + ' |')
   lines += [
     '',
     '## Learning-rate grids (seed 0, validation metric at the end of tuning)',
