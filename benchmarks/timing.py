@@ -66,15 +66,16 @@ def interleaved(
 ) -> dict[str, Timing]:
   """Times already-compiled thunks in alternating rounds.
 
-  Each thunk is warmed up, then calibrated so that one sample lasts at least
+  Each thunk is warmed up (the last warm-up call calibrates), so that one
+  sample lasts at least
   `min_sample_s` (many calls of a fast function, averaged, so that timer and
   dispatch jitter stay small); then `runs` rounds time every thunk once each.
   """
   number = {}
   for name, fn in fns.items():
-    for _ in range(warmup):
+    for _ in range(warmup - 1):
       _block(fn())
-    once = _once(fn, 1)
+    once = _once(fn, 1)  # the last warm-up call, timed to calibrate
     number[name] = max(1, min(1000, int(min_sample_s / max(once, 1e-7))))
   samples: dict[str, list[float]] = {name: [] for name in fns}
   for r in range(runs):

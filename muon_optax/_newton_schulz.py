@@ -141,9 +141,9 @@ def newton_schulz(
 
 
 # Measured on 2 CPU cores (benchmarks/README.md): the Gram form is 1.6-2.9x
-# faster from an aspect ratio of 4 (384x1536, 1152x128, 768x3072) and still
-# ahead at 2; in FLOPs it wins from 1.5 (5 steps: 4mmn + 34m^3 against
-# 20mmn + 10m^3 for m <= n).
+# faster from an aspect ratio of 4 (384x1536, 1152x128, 768x3072) and even
+# at 1.5-2 (512x768, 512x1024); in FLOPs it wins from 1.5 (5 steps:
+# 4mmn + 34m^3 against 20mmn + 10m^3 for m <= n).
 GRAM_MIN_ASPECT = 2
 
 
@@ -198,7 +198,9 @@ def orthogonalize(
 
   Args:
     x: an array with at least two axes. The last two are the matrix; leading
-      axes are a batch and every slice is orthogonalized on its own.
+      axes are a batch and every slice is orthogonalized on its own (one
+      batched call on GPU and TPU, a `lax.map` of plain calls on CPU, where
+      that measured faster).
     ns_coeffs: `'polar_express'` (Amsel et al., per-step optimal triples with
       the paper's safety factor), `'jordan'` (KellerJordan/Muon's fixed
       quintic), `'dion'` (microsoft/dion's 5-step list), or an array of shape
@@ -233,9 +235,17 @@ def orthogonalize(
   """
   check_matrix_input(x)
   plan = _coeffs.resolve_ns_coeffs(ns_coeffs, ns_steps)
-  return newton_schulz(
-    jnp.asarray(x),
+  x = jnp.asarray(x)
+  ns = functools.partial(
+    newton_schulz,
     plan=plan,
     eps=float(eps),
     compute_dtype=canonical_compute_dtype(compute_dtype),
   )
+  if x.ndim > 2 and jax.default_backend() == 'cpu':
+    # XLA:CPU runs a batched dot slower than a loop of plain ones (24 x 768²:
+    # 1.2x, 48 x 128²: 2.2x, benchmarks/README.md); accelerators the other
+    # way round.
+    flat = x.reshape(-1, *x.shape[-2:])
+    return jax.lax.map(ns, flat).reshape(x.shape)
+  return ns(x)
