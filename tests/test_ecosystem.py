@@ -87,6 +87,18 @@ def test_inject_hyperparams_without_static_args_says_what_to_do():
     tx.init(_params())
 
 
+def test_inject_hyperparams_with_a_traced_eps_says_what_to_do():
+  params = _params()
+  tx = optax.inject_hyperparams(muon_optax.muon, static_args=('ns_steps',))(
+    learning_rate=0.01
+  )
+  state = tx.init(params)
+  with pytest.raises(
+    TypeError, match="`eps`.*static_args=\\('ns_steps', 'eps'"
+  ):
+    jax.jit(tx.update)(params, state, params)
+
+
 def test_multisteps_equals_one_step_on_the_mean_gradient():
   params = _params()
   k = 3

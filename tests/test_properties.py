@@ -12,7 +12,7 @@ from tests.test_newton_schulz import BANDS
 
 # Every distinct shape compiles once; keep them few and small.
 _SETTINGS = settings(max_examples=25, deadline=None)
-_SIDES = st.sampled_from([2, 3, 8, 24])
+_SIDES = st.sampled_from([2, 8, 24])
 _PRESETS = st.sampled_from(sorted(BANDS))
 _MAX = float(np.finfo(np.float32).max)
 
@@ -62,7 +62,7 @@ def test_transpose_equivariance(xs, preset):
 
 @_SETTINGS
 @given(
-  st.lists(st.sampled_from([1, 2, 3]), max_size=2),
+  st.lists(st.sampled_from([2, 3]), max_size=2),
   _SIDES,
   _SIDES,
   st.sampled_from([jnp.float32, jnp.bfloat16, jnp.float16]),
