@@ -35,7 +35,10 @@ def test_metrics_match_numpy_and_leave_updates_unchanged():
   sp, st = plain.init(params), traced.init(params)
   assert set(muon_optax.diagnostics(st)) == {'w', 'tall', 'b'}
   ref = reference.NumpyMuon(0.02, weight_decay=0.1)
-  ref_params = {'w': np.asarray(params['w']), 'tall': np.asarray(params['tall'])}
+  ref_params = {
+    'w': np.asarray(params['w']),
+    'tall': np.asarray(params['tall']),
+  }
   step_t = jax.jit(traced.update)
   for step in range(3):
     g = _grads(step)
@@ -69,7 +72,9 @@ def test_metrics_match_numpy_and_leave_updates_unchanged():
         rtol=1e-4,
       )
     np.testing.assert_allclose(
-      metrics['b']['update_rms'], np.sqrt(np.mean(np.square(ut['b']))), rtol=1e-5
+      metrics['b']['update_rms'],
+      np.sqrt(np.mean(np.square(ut['b']))),
+      rtol=1e-5,
     )
     params = optax.apply_updates(params, ut)
     ref_params = new_ref
