@@ -304,6 +304,9 @@ def plot(results: dict[str, Any], out: pathlib.Path) -> list[pathlib.Path]:
         ax.fill_between(
           x, y.min(0), y.max(0), alpha=0.2, color=line.get_color()
         )
+    if not results['higher_is_better']:  # keep a diverged run in frame
+      best = min(_mean_curve(r, metric).mean(0)[-1] for r in by_opt.values())
+      ax.set_ylim(0.9 * best, 2 * best)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(metric)
     ax.set_title(f'{results["task"]}: {metric} (band: min–max over seeds)')
@@ -342,9 +345,9 @@ def merge(args: argparse.Namespace, task_train: Any) -> dict[str, Any]:
       seen.add(key)
       runs.append(r)
     elif r['total_steps'] < full:
-      tuning.setdefault(r['optimizer'], []).append(
-        (r['learning_rate'], r['history'][-1][metric])
-      )
+      grid = tuning.setdefault(r['optimizer'], [])
+      if r['learning_rate'] not in [lr for lr, _ in grid]:
+        grid.append((r['learning_rate'], r['history'][-1][metric]))
   order = {n: i for i, n in enumerate(optimizers.OPTIMIZERS)}
   runs.sort(key=lambda r: (order[r['optimizer']], r['seed']))
   chosen = {r['optimizer']: r['learning_rate'] for r in runs}
