@@ -132,6 +132,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     'from the runs.partial.jsonl of these runs (e.g. extra seeds run '
     'separately). Full-budget runs are the results; shorter ones the grid.',
   )
+  p.add_argument(
+    '--diagnostics',
+    action='store_true',
+    help="record Muon's per-layer orthogonality error and update/weight RMS "
+    "and plot them (layer_metrics.png); adds its cost to muon's step time.",
+  )
   p.add_argument('--no-progress', action='store_true')
   return p.parse_args(argv)
 
@@ -190,6 +196,8 @@ def _muon_config(task_train: Any, args: argparse.Namespace):
         )
       pairs.append((pattern, label))
     changes['overrides'] = tuple(pairs)
+  if args.diagnostics:
+    changes['diagnostics'] = True
   return dataclasses.replace(config, **changes)
 
 
@@ -317,7 +325,51 @@ def plot(results: dict[str, Any], out: pathlib.Path) -> list[pathlib.Path]:
     fig.savefig(path)
     plt.close(fig)
     paths.append(path)
-  return paths
+  layers = plot_layer_metrics(results, out)
+  return paths + ([layers] if layers else [])
+
+
+def plot_layer_metrics(
+  results: dict[str, Any], out: pathlib.Path
+) -> pathlib.Path | None:
+  """Per-layer update RMS ÷ weight RMS and orthogonality error of the first
+  muon run recorded with --diagnostics, against step."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  run = next(
+    (
+      r for r in results['runs'] if r['history'] and 'layers' in r['history'][0]
+    ),
+    None,
+  )
+  if run is None:
+    return None
+  steps = [h['step'] for h in run['history']]
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+  for ax, key, title in (
+    (axes[0], 'update_to_weight_rms', 'update RMS ÷ weight RMS'),
+    (axes[1], 'orthogonality_error', '‖OOᵀ − I‖_F / √k of the NS output'),
+  ):
+    for path in run['history'][0]['layers']:
+      ys = [h['layers'][path][key] for h in run['history']]
+      ax.plot(steps, ys, label=path.removesuffix('/kernel'))
+    ax.set_xlabel('step')
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+  axes[0].set_yscale('log')
+  axes[1].legend(fontsize=6, ncol=2)
+  fig.suptitle(
+    f'{results["task"]}: muon per layer (lr {run["learning_rate"]:g}, '
+    f'seed {run["seed"]})'
+  )
+  fig.tight_layout()
+  path = out / 'layer_metrics.png'
+  fig.savefig(path)
+  plt.close(fig)
+  return path
 
 
 def _log_run(run: dict[str, Any], metric: str, path: pathlib.Path) -> None:
@@ -412,6 +464,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   out.mkdir(parents=True, exist_ok=True)
   dataset = task_train.load_data(args.data, config, cache_dir=args.cache_dir)
   metric, higher = task_train.METRIC, task_train.HIGHER_IS_BETTER
+  if 'muon' in names:
+    table = task_train.routing_table(config, dataset, muon_config)
+    (out / 'routing.txt').write_text(table + '\n')
+    print(f'muon routing ({out}/routing.txt):\n{table}')
 
   reuse = args.tune_budget >= 1.0
   tune_config = config

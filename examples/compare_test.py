@@ -22,6 +22,7 @@ def test_convnet_end_to_end(tmp_path):
       '--out',
       str(tmp_path),
       '--no-progress',
+      '--diagnostics',
     ]
   )
   results = json.loads((tmp_path / 'results.json').read_text())
@@ -44,6 +45,15 @@ def test_convnet_end_to_end(tmp_path):
   assert (tmp_path / 'summary.md').exists()
   assert (tmp_path / 'val_accuracy_vs_step.png').exists()
   assert (tmp_path / 'val_accuracy_vs_time.png').exists()
+  # --diagnostics: the routing table, per-layer metrics and their plot.
+  assert 'muon' in (tmp_path / 'routing.txt').read_text()
+  muon_run = next(r for r in results['runs'] if r['optimizer'] == 'muon')
+  layers = muon_run['history'][-1]['layers']
+  assert layers and all(
+    0.0 < m['orthogonality_error'] < 1.0 and m['update_to_weight_rms'] > 0.0
+    for m in layers.values()
+  )
+  assert (tmp_path / 'layer_metrics.png').exists()
 
 
 def test_transformer_end_to_end(tmp_path):

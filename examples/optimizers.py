@@ -44,6 +44,9 @@ class MuonConfig:
       pairs.
     beta: Muon's momentum.
     ns_steps: Newton–Schulz steps.
+    diagnostics: record Muon's per-layer metrics (`muon_optax.diagnostics`);
+      costs one more Gram matmul per matrix and step, so it is off for the
+      timed comparisons.
   """
 
   scaling: str = 'rms'
@@ -51,6 +54,7 @@ class MuonConfig:
   overrides: tuple[tuple[str, str], ...] = ()
   beta: float = 0.95
   ns_steps: int = 5
+  diagnostics: bool = False
 
 
 def _muon_labels(model: nnx.Module, muon_config: MuonConfig) -> Any:
@@ -79,6 +83,7 @@ def build(
       ns_steps=muon_config.ns_steps,
       param_labels=_muon_labels(model, muon_config),
       matrix_views=muon_optax.matrix_views(model),
+      diagnostics=muon_config.diagnostics,
     )
   raise ValueError(f'Unknown optimizer {name!r}; known: {list(OPTIMIZERS)}.')
 
@@ -101,6 +106,34 @@ def leaf_lrs(
   return jax.tree.unflatten(
     jax.tree.structure(params), [jnp.float32(v) for v in values]
   )
+
+
+def describe(model: nnx.Module, muon_config: MuonConfig) -> str:
+  """`muon_optax.describe` of `model` as `build('muon', ...)` routes it."""
+  return muon_optax.describe(
+    model,
+    _muon_labels(model, muon_config),
+    matrix_views=muon_optax.matrix_views(model),
+    scaling=muon_config.scaling,
+  )
+
+
+def layer_metrics(opt_state: Any, learning_rate: float) -> dict[str, Any]:
+  """Per Muon layer: orthogonality error, applied update RMS ÷ weight RMS.
+
+  The optimizers here run at a unit peak learning rate and the train step
+  multiplies Muon's updates by `learning_rate`, so the update-to-weight ratio
+  the optimizer recorded is scaled by it (no weight decay is in play).
+  """
+  metrics = muon_optax.diagnostics(opt_state)
+  return {
+    path: {
+      'orthogonality_error': float(m['orthogonality_error']),
+      'update_to_weight_rms': float(m['update_to_weight_rms']) * learning_rate,
+    }
+    for path, m in metrics.items()
+    if 'orthogonality_error' in m
+  }
 
 
 def apply_lrs(updates: Any, lrs: Any) -> Any:

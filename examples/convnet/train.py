@@ -218,6 +218,8 @@ def train_and_evaluate(
         'val_accuracy': val_acc,
       }
     )
+    if optimizer == 'muon' and muon_config.diagnostics:
+      history[-1]['layers'] = optimizers.layer_metrics(opt_state, learning_rate)
     if bar:
       bar.set_postfix(val_acc=f'{val_acc:.3f}')
 
@@ -284,6 +286,16 @@ def load_data(
 ) -> input_pipeline.Dataset:
   del config  # every config reads the same images
   return input_pipeline.load(data, cache_dir)
+
+
+def routing_table(
+  config: Config,
+  dataset: input_pipeline.Dataset,
+  muon_config: optimizers.MuonConfig,
+) -> str:
+  """Where `muon` sends each parameter of this task's model."""
+  model = models.ConvNet(len(dataset.classes), config.widths, rngs=nnx.Rngs(0))
+  return optimizers.describe(model, muon_config)
 
 
 def default_muon_config() -> optimizers.MuonConfig:

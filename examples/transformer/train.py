@@ -74,6 +74,24 @@ def load_data(
   return input_pipeline.load(data, config.max_bytes)
 
 
+def routing_table(
+  config: Config,
+  corpus: Any,
+  muon_config: optimizers.MuonConfig,
+) -> str:
+  """Where `muon` sends each parameter of this task's model."""
+  del corpus  # the model does not depend on the data
+  model = models.Transformer(
+    input_pipeline.VOCAB_SIZE,
+    config.context,
+    d_model=config.d_model,
+    num_layers=config.num_layers,
+    num_heads=config.num_heads,
+    rngs=nnx.Rngs(0),
+  )
+  return optimizers.describe(model, muon_config)
+
+
 def default_muon_config() -> optimizers.MuonConfig:
   """'rms' scaling: Muon and its Adam part share one learning rate."""
   return optimizers.MuonConfig(scaling='rms', adam_lr_ratio=1.0)
@@ -215,6 +233,10 @@ def train_and_evaluate(
           'val_loss': val_loss,
         }
       )
+      if optimizer == 'muon' and muon_config.diagnostics:
+        history[-1]['layers'] = optimizers.layer_metrics(
+          opt_state, learning_rate
+        )
       losses.clear()
       if bar:
         bar.set_postfix(val_loss=f'{val_loss:.3f}')
