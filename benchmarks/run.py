@@ -309,30 +309,19 @@ def update_section(
 
 
 def _load_models():
-  """The examples' models when importable, else the benchmark's own."""
-  from benchmarks import models as own  # pylint: disable=import-outside-toplevel
+  """The examples' models, as the examples build them by default."""
+  from examples.convnet import models as cm  # pylint: disable=import-outside-toplevel
+  from examples.transformer import models as tm  # pylint: disable=import-outside-toplevel
 
-  source = {}
-  try:
-    from examples.convnet import models as cm  # pylint: disable=import-outside-toplevel
-
-    convnet = lambda: cm.ConvNet(10, rngs=nnx.Rngs(0))
-    source['convnet'] = 'examples/convnet/models.py (ConvNet, defaults)'
-  except ImportError:
-    convnet = None
-  try:
-    from examples.transformer import models as tm  # pylint: disable=import-outside-toplevel
-
-    transformer = lambda: tm.Transformer(65, 64, rngs=nnx.Rngs(0))
-    source['transformer'] = (
+  convnet = lambda: cm.ConvNet(10, rngs=nnx.Rngs(0))
+  transformer = lambda: tm.Transformer(65, 64, rngs=nnx.Rngs(0))
+  source = {
+    'convnet': 'examples/convnet/models.py (ConvNet, defaults)',
+    'transformer': (
       'examples/transformer/models.py (Transformer, defaults: 2 layers, '
       'd128, 4 heads; vocab 65, context 64)'
-    )
-  except ImportError:
-    transformer = lambda: own.Transformer(rngs=nnx.Rngs(0))
-    source['transformer'] = (
-      'benchmarks/models.py (2 layers, d128, 4 heads, seq 64, vocab 65)'
-    )
+    ),
+  }
   return convnet, transformer, source
 
 
@@ -410,12 +399,10 @@ def train_section(quick: bool, runs: int) -> dict[str, Any]:
   convnet, transformer, source = _load_models()
   out: dict[str, Any] = {'source': source, 'cases': []}
   rng = np.random.default_rng(0)
-  cases = []
-  if convnet is not None:
-    bs = 128
-    x = jnp.asarray(rng.normal(size=(bs, 32, 32, 3)), jnp.float32)
-    y = jnp.asarray(rng.integers(0, 10, bs), jnp.int32)
-    cases.append(('convnet', convnet, x, y))
+  bs = 128
+  x = jnp.asarray(rng.normal(size=(bs, 32, 32, 3)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 10, bs), jnp.int32)
+  cases = [('convnet', convnet, x, y)]
   for bs in (8, 32) if quick else (8, 32, 128):
     tokens = jnp.asarray(rng.integers(0, 65, (bs, 64)), jnp.int32)
     cases.append(('transformer', transformer, tokens, tokens))

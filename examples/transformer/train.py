@@ -74,6 +74,17 @@ def load_data(
   return input_pipeline.load(data, config.max_bytes)
 
 
+def make_model(config: Config, seed: int = 0) -> models.Transformer:
+  return models.Transformer(
+    input_pipeline.VOCAB_SIZE,
+    config.context,
+    d_model=config.d_model,
+    num_layers=config.num_layers,
+    num_heads=config.num_heads,
+    rngs=nnx.Rngs(seed),
+  )
+
+
 def routing_table(
   config: Config,
   corpus: Any,
@@ -81,15 +92,7 @@ def routing_table(
 ) -> str:
   """Where `muon` sends each parameter of this task's model."""
   del corpus  # the model does not depend on the data
-  model = models.Transformer(
-    input_pipeline.VOCAB_SIZE,
-    config.context,
-    d_model=config.d_model,
-    num_layers=config.num_layers,
-    num_heads=config.num_heads,
-    rngs=nnx.Rngs(0),
-  )
-  return optimizers.describe(model, muon_config)
+  return optimizers.describe(make_model(config), muon_config)
 
 
 def default_muon_config() -> optimizers.MuonConfig:
@@ -181,14 +184,7 @@ def train_and_evaluate(
   windows = input_pipeline.eval_windows(
     corpus.val, config.context, config.eval_windows
   )
-  model = models.Transformer(
-    input_pipeline.VOCAB_SIZE,
-    config.context,
-    d_model=config.d_model,
-    num_layers=config.num_layers,
-    num_heads=config.num_heads,
-    rngs=nnx.Rngs(seed),
-  )
+  model = make_model(config, seed)
   params = nnx.state(model, nnx.Param)
   tx = optimizers.build(optimizer, model, config.steps, muon_config)
   lrs = optimizers.leaf_lrs(
