@@ -1,11 +1,9 @@
 """`muon`: Muon for the weight matrices, AdamW for everything else."""
 
 from collections.abc import Callable
-import math
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from muon_optax import _diagnostics
@@ -16,41 +14,6 @@ from muon_optax import _transform
 from muon_optax._coeffs import NsCoeffs
 
 ParamLabels = Any | Callable[[optax.Params], Any] | None
-
-_STATIC_HINT = (
-  "With optax.inject_hyperparams, pass static_args=('ns_steps', 'eps', "
-  "'mu_dtype')."
-)
-
-
-def _check_static_args(eps: Any, mu_dtype: Any) -> None:
-  """Raises for an `eps` or `mu_dtype` that cannot shape the compiled step."""
-  try:
-    eps_value = float(eps)
-  except (TypeError, ValueError) as e:  # a string, or a traced value
-    hint = f' {_STATIC_HINT}' if hasattr(eps, 'shape') else ''
-    raise TypeError(f'`eps` must be a Python float, got {eps!r}.{hint}') from e
-  if not (math.isfinite(eps_value) and eps_value >= 0):
-    raise ValueError(f'`eps` must be finite and >= 0, got {eps=}.')
-  if mu_dtype is None:
-    return
-  # inject_hyperparams takes a dtype (a callable) for a schedule.
-  if hasattr(mu_dtype, 'shape'):
-    raise TypeError(
-      f'`mu_dtype` must be a floating dtype or None, got {mu_dtype!r}. '
-      f'{_STATIC_HINT}'
-    )
-  try:
-    dtype = jnp.dtype(mu_dtype)
-  except TypeError as e:
-    raise TypeError(
-      f'`mu_dtype` must be a floating dtype or None, got {mu_dtype!r}.'
-    ) from e
-  if not jnp.issubdtype(dtype, jnp.floating):
-    raise TypeError(
-      '`mu_dtype` must be a floating dtype (e.g. jnp.bfloat16) or None, got '
-      f'{dtype}; an integer momentum would round every update away.'
-    )
 
 
 def _label_fn(param_labels: ParamLabels) -> Callable[[Any], Any]:
@@ -198,7 +161,6 @@ def muon(
     Liu et al., `Muon is Scalable for LLM Training
     <https://arxiv.org/abs/2502.16982>`_, 2025.
   """
-  _check_static_args(eps, mu_dtype)
   if adam_learning_rate is None:
     adam_learning_rate = learning_rate
   if matrix_views is None and _routing._is_module(param_labels):  # pylint: disable=protected-access

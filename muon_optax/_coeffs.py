@@ -1,6 +1,8 @@
 """Newton–Schulz coefficient presets and their resolution to a step list."""
 
 from collections.abc import Sequence
+import math
+from typing import Any
 from typing import NamedTuple
 
 import numpy as np
@@ -51,6 +53,26 @@ PRESETS: dict[str, Preset] = {
   'dion': Preset(DION, 1.0),
 }
 
+# optax.inject_hyperparams turns every numeric argument into an array unless
+# it is listed in `static_args`; arguments that shape the compiled step say so.
+STATIC_HINT = (
+  "With optax.inject_hyperparams, pass static_args=('ns_steps', 'eps', "
+  "'mu_dtype')."
+)
+
+
+def check_eps(eps: Any) -> float:
+  """`eps` as a Python float; raises unless it is finite and >= 0."""
+  try:
+    value = float(eps)
+  except (TypeError, ValueError) as e:  # a string, or a traced value
+    hint = f' {STATIC_HINT}' if hasattr(eps, 'shape') else ''
+    raise TypeError(f'`eps` must be a Python float, got {eps!r}.{hint}') from e
+  if not (math.isfinite(value) and value >= 0):
+    raise ValueError(f'`eps` must be finite and >= 0, got {eps=}.')
+  return value
+
+
 NsCoeffs = str | Sequence[float] | Sequence[Sequence[float]] | np.ndarray
 
 
@@ -75,12 +97,7 @@ def resolve_ns_coeffs(ns_coeffs: NsCoeffs, ns_steps: int) -> NewtonSchulzPlan:
       integer.
   """
   if isinstance(ns_steps, bool) or not isinstance(ns_steps, (int, np.integer)):
-    # optax.inject_hyperparams turns every numeric default into an array.
-    hint = (
-      " With optax.inject_hyperparams, pass static_args=('ns_steps', 'eps')."
-      if hasattr(ns_steps, 'shape')
-      else ''
-    )
+    hint = f' {STATIC_HINT}' if hasattr(ns_steps, 'shape') else ''
     raise TypeError(
       f'`ns_steps` must be a Python int, got {ns_steps!r} of type '
       f'{type(ns_steps).__name__}.{hint}'

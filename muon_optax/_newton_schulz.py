@@ -32,19 +32,23 @@ def default_compute_dtype(backend: str | None = None) -> np.dtype | None:
   return None
 
 
-def canonical_compute_dtype(compute_dtype: Any) -> np.dtype | None:
-  if compute_dtype is None:
+def canonical_float_dtype(
+  value: Any, name: str = 'compute_dtype'
+) -> np.dtype | None:
+  """`value` as a floating NumPy dtype (None stays None), or a TypeError."""
+  if value is None:
     return None
+  hint = f' {_coeffs.STATIC_HINT}' if hasattr(value, 'shape') else ''
   try:
-    dt = np.dtype(compute_dtype)
+    dt = np.dtype(value)
   except TypeError as e:
     raise TypeError(
-      f'`compute_dtype` must be a floating dtype or None, got {compute_dtype!r}.'
+      f'`{name}` must be a floating dtype or None, got {value!r}.{hint}'
     ) from e
   if not jnp.issubdtype(dt, jnp.floating):
     raise TypeError(
-      f'`compute_dtype` must be a floating dtype (e.g. jnp.bfloat16 or '
-      f'jnp.float32) or None, got {dt}.'
+      f'`{name}` must be a floating dtype (e.g. jnp.bfloat16 or jnp.float32) '
+      f'or None, got {dt}.'
     )
   return dt
 
@@ -243,7 +247,7 @@ def orthogonalize(
     newton_schulz,
     plan=plan,
     eps=float(eps),
-    compute_dtype=canonical_compute_dtype(compute_dtype),
+    compute_dtype=canonical_float_dtype(compute_dtype),
   )
   if x.ndim > 2 and jax.default_backend() == 'cpu':
     # XLA:CPU runs a batched dot slower than a loop of plain ones (24 x 768²:

@@ -243,9 +243,9 @@ def scale_by_muon(
     )
   if isinstance(beta, (int, float)) and not 0.0 <= beta <= 1.0:
     raise ValueError(f'`beta` must be in [0, 1], got {beta=}.')
-  compute_dtype = _newton_schulz.canonical_compute_dtype(compute_dtype)
-  mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
-  eps = float(eps)
+  compute_dtype = _newton_schulz.canonical_float_dtype(compute_dtype)
+  mu_dtype = _newton_schulz.canonical_float_dtype(mu_dtype, 'mu_dtype')
+  eps = _coeffs.check_eps(eps)
   _distributed.validate_mesh(mesh)
 
   def init_fn(params):

@@ -317,7 +317,7 @@ def test_bad_construction_arguments(kwargs, error, match):
     muon_optax.scale_by_muon(**kwargs)
 
 
-# Validated by `muon` (the alias); `scale_by_muon` takes them as given.
+# `muon` forwards these to `scale_by_muon`, which validates them for both.
 ALIAS_ERRORS = [
   ('eps string', {'eps': 'tiny'}, TypeError, '`eps` must be a Python float'),
   ('eps negative', {'eps': -1.0}, ValueError, 'eps=-1.0'),
@@ -340,6 +340,8 @@ ALIAS_ERRORS = [
 def test_bad_alias_arguments(kwargs, error, match):
   with pytest.raises(error, match=match):
     muon_optax.muon(0.1, **kwargs)
+  with pytest.raises(error, match=match):
+    muon_optax.scale_by_muon(**kwargs)
 
 
 INIT_ERRORS = [
