@@ -20,11 +20,13 @@ import dataclasses
 import importlib
 import json
 import math
+import os
 import pathlib
 import sys
 import time
 from typing import Any
 
+import jax
 import numpy as np
 import optimizers
 import tqdm
@@ -138,8 +140,38 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     help="record Muon's per-layer orthogonality error and update/weight RMS "
     "and plot them (layer_metrics.png); adds its cost to muon's step time.",
   )
+  p.add_argument(
+    '--mesh',
+    default=None,
+    metavar='DATA,FSDP',
+    help='transformer: train data-parallel + FSDP on a (data, fsdp) device '
+    'mesh, e.g. 2,4 (batches over all devices, parameters and optimizer '
+    'state sharded over fsdp). On a CPU the devices are emulated.',
+  )
   p.add_argument('--no-progress', action='store_true')
   return p.parse_args(argv)
+
+
+def _use_mesh(args: argparse.Namespace) -> tuple[int, ...] | None:
+  """Parses --mesh and, on a CPU, emulates its devices (before any JAX op)."""
+  if args.mesh is None:
+    return None
+  if args.task != 'transformer':
+    raise SystemExit('--mesh is for --task transformer.')
+  try:
+    shape = tuple(int(v) for v in args.mesh.split(','))
+  except ValueError:
+    shape = ()
+  if len(shape) != 2 or min(shape) < 1:
+    raise SystemExit(f'--mesh takes DATA,FSDP, e.g. 2,4; got {args.mesh!r}.')
+  if 'xla_force_host_platform_device_count' not in os.environ.get(
+    'XLA_FLAGS', ''
+  ):
+    try:  # only the CPU backend reads it; GPUs and TPUs are real devices
+      jax.config.update('jax_num_cpu_devices', math.prod(shape))
+    except RuntimeError:  # JAX already started: keep its devices
+      pass
+  return shape
 
 
 def _task_config(task_train: Any, args: argparse.Namespace) -> Any:
@@ -158,6 +190,8 @@ def _task_config(task_train: Any, args: argparse.Namespace) -> Any:
     changes['train_size'] = args.train_size
   if args.batch_size is not None:
     changes['batch_size'] = args.batch_size
+  if args.mesh is not None:
+    changes['mesh'] = _use_mesh(args)
   fields = {f.name: f for f in dataclasses.fields(config)}
   for item in args.set:
     name, sep, value = item.partition('=')

@@ -1,14 +1,17 @@
 """Trains the byte-level `Transformer` with one optimizer, lr and seed."""
 
 from collections.abc import Callable
+import contextlib
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import time
 from typing import Any
 
 from flax import nnx
+import jax
 import numpy as np
 import optax
 import optimizers
@@ -33,6 +36,9 @@ class Config:
       validation split).
     eval_batch_size: windows per evaluation batch.
     max_bytes: size cap of the embedded corpus.
+    mesh: `(data, fsdp)` device mesh shape, e.g. `(2, 4)`: batches split over
+      all devices, every parameter (and its optimizer state) sharded on its
+      largest axis divisible by `fsdp`. None trains on one device.
   """
 
   d_model: int = 128
@@ -45,6 +51,7 @@ class Config:
   eval_windows: int = 512
   eval_batch_size: int = 128
   max_bytes: int = 2_000_000
+  mesh: tuple[int, ...] | None = None
 
 
 def tiny_config() -> Config:
@@ -116,18 +123,68 @@ def _loss(model, x, y):
   return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
+def make_mesh(shape: tuple[int, ...]) -> jax.sharding.Mesh:
+  """A `('data', 'fsdp')` mesh of `shape` over all devices, auto axes."""
+  shape = tuple(shape)
+  if len(shape) != 2 or min(shape) < 1:
+    raise ValueError(f'`mesh` must be (data, fsdp), got {shape}.')
+  if math.prod(shape) != jax.device_count():
+    raise ValueError(
+      f'`mesh` {shape} needs {math.prod(shape)} devices, there are '
+      f'{jax.device_count()}. On a CPU, emulate them with '
+      f'XLA_FLAGS=--xla_force_host_platform_device_count={math.prod(shape)} '
+      '(or compare.py --mesh, which sets it).'
+    )
+  auto = (jax.sharding.AxisType.Auto,) * 2
+  return jax.make_mesh(shape, ('data', 'fsdp'), axis_types=auto)
+
+
+def fsdp_sharding(mesh: jax.sharding.Mesh, shape: tuple[int, ...]):
+  """Shards the largest axis of `shape` that `fsdp` divides; else replicates.
+
+  Applied to the parameters and to every optimizer-state leaf alike, so a
+  momentum or Adam moment lands where its parameter lives.
+  """
+  n = mesh.shape['fsdp']
+  spec = [None] * len(shape)
+  for axis in sorted(range(len(shape)), key=lambda i: -shape[i]):
+    if shape[axis] >= n and shape[axis] % n == 0:
+      spec[axis] = 'fsdp'
+      break
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+
+
+def shard(model: nnx.Module, tx: optax.GradientTransformation, mesh):
+  """Shards `model` in place for FSDP; returns the sharded optimizer state.
+
+  Returns `(opt_state, shardings)` where `shardings` holds the parameters'
+  and the state's `NamedSharding`s, for the train step to keep them.
+  """
+  params = nnx.state(model, nnx.Param)
+  param_shardings = jax.tree.map(lambda x: fsdp_sharding(mesh, x.shape), params)
+  params = jax.device_put(params, param_shardings)
+  nnx.update(model, params)
+  state_shardings = jax.tree.map(
+    lambda x: fsdp_sharding(mesh, x.shape), jax.eval_shape(tx.init, params)
+  )
+  opt_state = jax.jit(tx.init, out_shardings=state_shardings)(params)
+  return opt_state, (param_shardings, state_shardings)
+
+
 _COMPILED: dict[Any, Callable[..., Any]] = {}
 
 
-def _train_step_fn(tx: optax.GradientTransformation):
+def _train_step_fn(tx: optax.GradientTransformation, shardings=None):
   @nnx.jit
   def train_step(model, opt_state, lrs, x, y):
     loss, grads = nnx.value_and_grad(_loss)(model, x, y)
     params = nnx.state(model, nnx.Param)
     updates, opt_state = tx.update(grads, opt_state, params)
-    nnx.update(
-      model, optax.apply_updates(params, optimizers.apply_lrs(updates, lrs))
-    )
+    params = optax.apply_updates(params, optimizers.apply_lrs(updates, lrs))
+    if shardings is not None:  # auto axes: pin the layout from step to step
+      params = jax.lax.with_sharding_constraint(params, shardings[0])
+      opt_state = jax.lax.with_sharding_constraint(opt_state, shardings[1])
+    nnx.update(model, params)
     return opt_state, loss
 
   return train_step
@@ -179,65 +236,90 @@ def train_and_evaluate(
     compilation excluded), train_loss, val_loss), `final` (`val_loss`) and
     `step_time`.
   """
-  muon_config = muon_config or default_muon_config()
-  eval_bs = min(config.eval_batch_size, config.eval_windows)
-  windows = input_pipeline.eval_windows(
-    corpus.val, config.context, config.eval_windows
-  )
-  model = make_model(config, seed)
-  params = nnx.state(model, nnx.Param)
-  tx = optimizers.build(optimizer, model, config.steps, muon_config)
-  lrs = optimizers.leaf_lrs(
-    optimizer, model, params, learning_rate, muon_config
-  )
-  opt_state = tx.init(params)
-  cache_key = (config, optimizer, muon_config)
-  if cache_key not in _COMPILED:
-    _COMPILED[cache_key] = _train_step_fn(tx)
-  train_step = _COMPILED[cache_key]
-
-  tokens_per_epoch = len(corpus.train)
-  data = input_pipeline.batches(
-    corpus.train, config.batch_size, config.context, np.random.default_rng(seed)
-  )
-  bar = None
-  if progress:
-    bar = progress(total=config.steps, desc=f'{optimizer} lr={learning_rate:g}')
-  history, losses = [], []
-  wall, first_step_time = 0.0, 0.0
-  for step in range(1, config.steps + 1):
-    x, y = next(data)
-    t0 = time.perf_counter()
-    opt_state, loss = train_step(model, opt_state, lrs, x, y)
-    loss.block_until_ready()
-    dt = time.perf_counter() - t0
-    if step == 1:
-      first_step_time = dt  # compiles (once per optimizer)
+  mesh = make_mesh(config.mesh) if config.mesh else None
+  # Under the ambient mesh Muon splits its Newton–Schulz work over devices.
+  with jax.set_mesh(mesh) if mesh else contextlib.nullcontext():
+    muon_config = muon_config or default_muon_config()
+    eval_bs = min(config.eval_batch_size, config.eval_windows)
+    windows = input_pipeline.eval_windows(
+      corpus.val, config.context, config.eval_windows
+    )
+    model = make_model(config, seed)
+    params = nnx.state(model, nnx.Param)
+    tx = optimizers.build(optimizer, model, config.steps, muon_config)
+    lrs = optimizers.leaf_lrs(
+      optimizer, model, params, learning_rate, muon_config
+    )
+    shardings = None
+    if mesh is None:
+      opt_state = tx.init(params)
     else:
-      wall += dt
-    losses.append(loss)
-    if bar:
-      bar.update()
-    if step % config.eval_every == 0 or step == config.steps:
-      val_loss = evaluate(model, windows, eval_bs)
-      history.append(
-        {
-          'step': step,
-          'epoch': step * config.batch_size * config.context / tokens_per_epoch,
-          'wall_time': wall,
-          'train_loss': float(np.mean([float(v) for v in losses])),
-          'val_loss': val_loss,
-        }
-      )
-      if optimizer == 'muon' and muon_config.diagnostics:
-        history[-1]['layers'] = optimizers.layer_metrics(
-          opt_state, learning_rate
+      if config.batch_size % mesh.size:
+        raise ValueError(
+          f'`batch_size` {config.batch_size} must be a multiple of the '
+          f'{mesh.size} devices of `mesh` {config.mesh}.'
         )
-      losses.clear()
+      opt_state, shardings = shard(model, tx, mesh)
+      batch_sharding = jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(('data', 'fsdp'))
+      )
+    cache_key = (config, optimizer, muon_config)
+    if cache_key not in _COMPILED:
+      _COMPILED[cache_key] = _train_step_fn(tx, shardings)
+    train_step = _COMPILED[cache_key]
+
+    tokens_per_epoch = len(corpus.train)
+    data = input_pipeline.batches(
+      corpus.train,
+      config.batch_size,
+      config.context,
+      np.random.default_rng(seed),
+    )
+    bar = None
+    if progress:
+      bar = progress(
+        total=config.steps, desc=f'{optimizer} lr={learning_rate:g}'
+      )
+    history, losses = [], []
+    wall, first_step_time = 0.0, 0.0
+    for step in range(1, config.steps + 1):
+      x, y = next(data)
+      if mesh is not None:  # split the batch over every device
+        x, y = jax.device_put((x, y), batch_sharding)
+      t0 = time.perf_counter()
+      opt_state, loss = train_step(model, opt_state, lrs, x, y)
+      loss.block_until_ready()
+      dt = time.perf_counter() - t0
+      if step == 1:
+        first_step_time = dt  # compiles (once per optimizer)
+      else:
+        wall += dt
+      losses.append(loss)
       if bar:
-        bar.set_postfix(val_loss=f'{val_loss:.3f}')
-  if bar:
-    bar.close()
+        bar.update()
+      if step % config.eval_every == 0 or step == config.steps:
+        val_loss = evaluate(model, windows, eval_bs)
+        history.append(
+          {
+            'step': step,
+            'epoch': step
+            * config.batch_size
+            * config.context
+            / tokens_per_epoch,
+            'wall_time': wall,
+            'train_loss': float(np.mean([float(v) for v in losses])),
+            'val_loss': val_loss,
+          }
+        )
+        if optimizer == 'muon' and muon_config.diagnostics:
+          history[-1]['layers'] = optimizers.layer_metrics(
+            opt_state, learning_rate
+          )
+        losses.clear()
+        if bar:
+          bar.set_postfix(val_loss=f'{val_loss:.3f}')
+    if bar:
+      bar.close()
 
   result = {
     'optimizer': optimizer,

@@ -1,8 +1,11 @@
 """Runs the Transformer example on a tiny config, in seconds."""
 
 import dataclasses
+import json
 import math
+import os
 import pathlib
+import subprocess
 import sys
 
 import numpy as np
@@ -80,3 +83,37 @@ SHAKESPEARE = (
 def test_tinyshakespeare_split():
   corpus = input_pipeline.load(SHAKESPEARE)
   assert len(corpus.train) + len(corpus.val) == 1_115_394
+
+
+def test_data_parallel_fsdp_on_8_devices_equals_one_device():
+  """`mesh=(2, 4)`: same losses as one device, FSDP layouts kept."""
+  here = pathlib.Path(__file__).resolve()
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = (
+    f'{env.get("XLA_FLAGS", "")} --xla_force_host_platform_device_count=8'
+  )
+  env['JAX_PLATFORMS'] = 'cpu'
+  env['PYTHONPATH'] = os.pathsep.join(
+    p for p in (str(here.parents[2]), env.get('PYTHONPATH')) if p
+  )
+  proc = subprocess.run(
+    [sys.executable, str(here.parent / 'sharding_check.py'), 'muon'],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert out['devices'] == 8
+  assert out['rel_err'] < 1e-5
+  assert out['params_keep_sharding'] and out['state_keeps_sharding']
+  # Every matrix and every 2-D state leaf is split over the fsdp axis.
+  assert out['matrices_sharded'] and out['state_matrices_sharded']
+  assert out['state_matrices'] > 0
+
+
+def test_mesh_needs_its_devices():
+  config = dataclasses.replace(_tiny(), mesh=(2, 64))
+  with pytest.raises(ValueError, match='needs 128 devices'):
+    train.train_and_evaluate(config, train.load_data(None, config))
