@@ -174,6 +174,31 @@ def load(
   return ds
 
 
+def holdout_test(dataset: Dataset, test_size: int) -> Dataset:
+  """Carves a test split from the training images of test-less data.
+
+  The test images are the tail of a fixed shuffle (seed 1) of the training
+  split; the validation split is then carved from what is left, so learning
+  rates are chosen on images the reported test accuracy never sees.
+  """
+  if dataset.test is not None:
+    raise ValueError('The dataset already has a test split.')
+  n = len(dataset.train.labels)
+  if not 0 < test_size < n:
+    raise ValueError(
+      f'`test_size` must be in (0, {n}) for these {n} training images, got '
+      f'{test_size} (compare.py: --set test_size=N).'
+    )
+  order = np.random.default_rng(1).permutation(n)
+  test_idx, train_idx = np.sort(order[-test_size:]), np.sort(order[:-test_size])
+  train, images = dataset.train, np.asarray(dataset.train.images)
+  return dataset._replace(
+    train=Split(images[train_idx], train.labels[train_idx]),
+    test=Split(images[test_idx], train.labels[test_idx]),
+    source=f'{dataset.source}; test = {test_size} training images held out',
+  )
+
+
 def split_validation(
   train: Split, val_size: int, train_size: int | None = None
 ) -> tuple[Split, Split]:

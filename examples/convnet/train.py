@@ -28,6 +28,8 @@ class Config:
     batch_size: training batch size.
     epochs: training epochs (over the training split minus validation).
     val_size: images carved from the training split for validation.
+    test_size: when the data has no test split, images carved from the
+      training split as one (before `val_size`); 0 reports validation.
     train_size: a fixed subset of the rest to train on; None keeps all.
     flip: random horizontal flips (off for digits).
     translate: random translation by up to this many pixels (reflect pad).
@@ -39,6 +41,7 @@ class Config:
   batch_size: int = 128
   epochs: float = 4.0
   val_size: int = 5000
+  test_size: int = 10_000
   train_size: int | None = None
   flip: bool = True
   translate: int = 2
@@ -284,8 +287,10 @@ EMBEDDED_DATA = 'sklearn digits'
 def load_data(
   data: str | None, config: Config, cache_dir: str | None = None
 ) -> input_pipeline.Dataset:
-  del config  # every config reads the same images
-  return input_pipeline.load(data, cache_dir)
+  dataset = input_pipeline.load(data, cache_dir)
+  if dataset.test is None and config.test_size:
+    dataset = input_pipeline.holdout_test(dataset, config.test_size)
+  return dataset
 
 
 def routing_table(

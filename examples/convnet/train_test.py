@@ -37,6 +37,34 @@ def test_train_and_evaluate(optimizer, tmp_path):
   assert 0.0 <= result['final']['test_accuracy'] <= 1.0
 
 
+def test_holdout_test_split_is_disjoint_from_validation():
+  n = 100
+  ids = np.arange(n, dtype=np.int32)
+  images = np.broadcast_to(ids[:, None, None, None] % 256, (n, 2, 2, 3))
+  dataset = input_pipeline.Dataset(
+    input_pipeline.Split(np.asarray(images, np.uint8), ids), None, ('a',), 's'
+  )
+  carved = input_pipeline.holdout_test(dataset, 20)
+  train, val = input_pipeline.split_validation(carved.train, 10)
+  parts = [set(carved.test.labels), set(val.labels), set(train.labels)]
+  assert [len(p) for p in parts] == [20, 10, 70]
+  assert set.union(*parts) == set(ids)
+  again = input_pipeline.holdout_test(dataset, 20)  # a fixed split
+  np.testing.assert_array_equal(again.test.labels, carved.test.labels)
+  with pytest.raises(ValueError, match='already has a test split'):
+    input_pipeline.holdout_test(carved, 5)
+  with pytest.raises(ValueError, match='test_size'):
+    input_pipeline.holdout_test(dataset, 100)
+
+
+def test_load_data_carves_a_test_split_when_absent(tmp_path):
+  _write_jpegs(tmp_path / 'data')
+  config = dataclasses.replace(_tiny(), test_size=2)
+  dataset = train.load_data(str(tmp_path / 'data'), config, tmp_path / 'c')
+  assert len(dataset.test.labels) == 2 and len(dataset.train.labels) == 4
+  assert train.final_metric(dataset) == 'test_accuracy'
+
+
 def test_digits_shape():
   ds = input_pipeline.digits()
   assert ds.train.images.shape[1:] == (32, 32, 3)
