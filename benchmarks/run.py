@@ -296,6 +296,12 @@ def update_section(
   out['speedup_vs_optax_muon'] = (
     t['optax.contrib.muon'].median / t['muon_optax'].median
   )
+  # (d) the state with bfloat16 momenta (an option, not the default): shapes
+  # only, nothing to time.
+  bf16_state = jax.eval_shape(mo(mu_dtype=jnp.bfloat16).init, params)
+  out['state_vs_adamw_bf16_momentum'] = (
+    _tree_bytes(bf16_state) / state_bytes['optax.adamw']
+  )
   print(
     f'  update {tree.name}: '
     + ' | '.join(f'{k} {t[k].median * 1e3:.1f} ms' for k in txs)
@@ -527,6 +533,16 @@ def markdown(res: dict[str, Any]) -> str:
       f'- {u["tree"]["name"]}: **{u["speedup_vs_optax_muon"]:.2f}×** '
       f'({u["ns_gflop"]:.1f} GFLOP of Newton–Schulz per update)'
     )
+  lines += [
+    '',
+    'State with `mu_dtype=jnp.bfloat16` (Muon momentum and Adam first '
+    'moment in bfloat16; not the default), ÷ adamw: '
+    + ', '.join(
+      f'{u["tree"]["name"]} {u["state_vs_adamw_bf16_momentum"]:.3f}'
+      for u in res['update']
+    )
+    + '.',
+  ]
   tr = res['train']
   lines += [
     '',
@@ -680,7 +696,7 @@ def main(argv=None) -> None:
       tree_list = [trees.gpt(), trees.resnet()]
     for i, tree in enumerate(tree_list):
       res['update'].append(
-        update_section(tree, runs, strategies=i == 0 and not args.quick)
+        update_section(tree, runs, strategies=not args.quick)
       )
   if 'train' in only:
     res['train'] = train_section(args.quick, runs)

@@ -40,14 +40,15 @@ def default_group_strategy(backend: str | None = None) -> str:
 
   Accelerators gain from one batched call per group (fewer, larger kernels;
   modded-nanogpt and microsoft/dion batch by shape). On CPU (XLA:CPU, 2
-  cores) one batched Newton–Schulz was measured 1.2-2.2x slower than plain
-  per-matrix dots (12 x 384²: 726 ms stacked, 510 ms unrolled, 513 ms mapped;
-  48 x 128²: 194, 128, 87 ms; benchmarks/README.md), so there a group runs
-  as a `lax.map` of plain calls: as fast as unrolling or faster, and compiled
-  once per group instead of once per matrix.
+  idle cores) one batched Newton–Schulz is slower than plain per-matrix dots,
+  and one plain call per matrix lets XLA run independent matrices on
+  different cores: on the 12-layer d384 GPT-like tree the full update took
+  998 ms unrolled, 1184 ms as a `lax.map` per group and 1389 ms stacked; on
+  the ResNet-18-like tree 45, 50 and 45 ms (benchmarks/README.md). So a
+  group is unrolled there.
   """
   backend = backend or jax.default_backend()
-  return 'map' if backend == 'cpu' else 'stack'
+  return 'unroll' if backend == 'cpu' else 'stack'
 
 
 class _Leaf(NamedTuple):
