@@ -694,7 +694,7 @@ def main(argv=None) -> None:
       ]
     else:
       tree_list = [trees.gpt(), trees.resnet()]
-    for i, tree in enumerate(tree_list):
+    for tree in tree_list:
       res['update'].append(
         update_section(tree, runs, strategies=not args.quick)
       )

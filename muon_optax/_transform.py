@@ -51,6 +51,25 @@ def default_group_strategy(backend: str | None = None) -> str:
   return 'unroll' if backend == 'cpu' else 'stack'
 
 
+def _check_like_momentum(updates: Any, momentum: Any) -> None:
+  """Raises, naming the path, when `updates` do not match the initial params."""
+  grads = _paths.leaves_with_paths(updates)
+  moms = jax.tree.leaves(momentum)
+  if len(grads) != len(moms):
+    raise ValueError(
+      f'scale_by_muon was initialized for {len(moms)} leaves, the updates '
+      f'have {len(grads)}: pass gradients shaped like the params given to '
+      '`init`.'
+    )
+  for (path, g), m in zip(grads, moms, strict=True):
+    if g.shape != m.shape:
+      raise ValueError(
+        f'The update at {path!r} has shape {g.shape}, the state was '
+        f'initialized for {m.shape}: pass gradients shaped like the params '
+        'given to `init`.'
+      )
+
+
 class _Leaf(NamedTuple):
   index: int
   path: str
@@ -261,6 +280,7 @@ def scale_by_muon(
 
   def update_fn(updates, state, params=None):
     del params
+    _check_like_momentum(updates, state.momentum)
     momentum = optax.tree.update_moment(updates, state.momentum, beta, 1)
     if nesterov:
       lookahead = optax.tree.update_moment(updates, momentum, beta, 1)

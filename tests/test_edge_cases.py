@@ -547,3 +547,20 @@ def test_stacked_with_a_module():
 def test_at_least_fifteen_distinct_bad_inputs():
   cases = CONSTRUCTION_ERRORS + ALIAS_ERRORS + INIT_ERRORS + ROUTING_ERRORS
   assert len({c[0] for c in cases}) == len(cases) >= 15
+
+
+@pytest.mark.parametrize('make', [muon_optax.scale_by_muon, muon_optax.muon])
+def test_update_with_gradients_of_another_shape_names_the_path(make):
+  params = {'layer': {'w': jnp.ones((8, 16)), 'v': jnp.ones((4, 4))}}
+  tx = make() if make is muon_optax.scale_by_muon else make(1e-2)
+  state = tx.init(params)
+  grads = {'layer': {'w': jnp.ones((16, 8)), 'v': jnp.ones((4, 4))}}
+  with pytest.raises(ValueError, match=r"'layer/w' has shape \(16, 8\)"):
+    tx.update(grads, state, params)
+
+
+def test_update_with_fewer_gradients_than_params():
+  tx = muon_optax.scale_by_muon()
+  state = tx.init({'a': jnp.ones((8, 16)), 'b': jnp.ones((8, 16))})
+  with pytest.raises(ValueError, match='initialized for 2 leaves'):
+    tx.update({'a': jnp.ones((8, 16))}, state)
