@@ -3,6 +3,7 @@ r"""Muon vs AdamW vs SGD-Nesterov vs optax.contrib.muon, in one command.
   python examples/compare.py --task {convnet,transformer} [--data PATH]
       [--optimizers muon,adamw,sgd,optax_muon] [--seeds N]
       [--epochs E | --steps S] [--train-size N] [--lr-grid ...] [--out DIR]
+      [--mesh DATA,FSDP]
 
 For each optimizer: one seed-0 run per learning rate of its grid, judged on
 the validation split (carved from the training data; a test split is never
@@ -164,13 +165,15 @@ def _use_mesh(args: argparse.Namespace) -> tuple[int, ...] | None:
     shape = ()
   if len(shape) != 2 or min(shape) < 1:
     raise SystemExit(f'--mesh takes DATA,FSDP, e.g. 2,4; got {args.mesh!r}.')
-  if 'xla_force_host_platform_device_count' not in os.environ.get(
-    'XLA_FLAGS', ''
-  ):
-    try:  # only the CPU backend reads it; GPUs and TPUs are real devices
-      jax.config.update('jax_num_cpu_devices', math.prod(shape))
-    except RuntimeError:  # JAX already started: keep its devices
-      pass
+  if 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', ''):
+    return shape  # the user's own emulated device count
+  try:  # only the CPU backend reads it; GPUs and TPUs are real devices
+    jax.config.update('jax_num_cpu_devices', math.prod(shape))
+  except RuntimeError:  # JAX already started (compare.main in a program)
+    print(
+      f'--mesh: JAX is already running, so its {jax.device_count()} devices '
+      'are used as they are.'
+    )
   return shape
 
 
@@ -199,6 +202,8 @@ def _task_config(task_train: Any, args: argparse.Namespace) -> Any:
       raise SystemExit(
         f'--set takes FIELD=VALUE with FIELD in {list(fields)}, got {item!r}.'
       )
+    if name == 'mesh':
+      raise SystemExit('Use --mesh DATA,FSDP rather than --set mesh=...')
     current = getattr(config, name)
     if isinstance(current, tuple):
       changes[name] = tuple(int(v) for v in value.split(','))
@@ -424,33 +429,49 @@ def merge(args: argparse.Namespace, task_train: Any) -> dict[str, Any]:
     path = pathlib.Path(d) / 'runs.partial.jsonl'
     lines += [json.loads(x) for x in path.read_text().splitlines() if x]
   full = max(r['total_steps'] for r in lines)
-  runs, tuning, seen = [], {}, set()
-  for r in lines:
-    key = (r['optimizer'], r['seed'])
-    if r['total_steps'] == full and key not in seen:
-      seen.add(key)
-      runs.append(r)
-    elif r['total_steps'] < full:
-      grid = tuning.setdefault(r['optimizer'], [])
-      if r['learning_rate'] not in [lr for lr, _ in grid]:
-        grid.append((r['learning_rate'], r['history'][-1][metric]))
+
+  def score(r):
+    v = r['history'][-1][metric]
+    return v if math.isfinite(v) else (-math.inf if higher else math.inf)
+
   order = {n: i for i, n in enumerate(optimizers.OPTIMIZERS)}
+  names = sorted({r['optimizer'] for r in lines}, key=order.get)
+  runs, tuning, chosen = [], {}, {}
+  for name in names:
+    mine = [r for r in lines if r['optimizer'] == name]
+    # The search: seed-0 runs at this optimizer's shortest budget (the full
+    # one when it was tuned at the full budget), one per learning rate.
+    budget = min(r['total_steps'] for r in mine)
+    grid: dict[float, float] = {}
+    for r in mine:
+      if r['seed'] == 0 and r['total_steps'] == budget:
+        grid.setdefault(r['learning_rate'], score(r))
+    if not grid:
+      raise SystemExit(f'--merge: no seed-0 run of {name} to choose from.')
+    best = max(grid, key=grid.get) if higher else min(grid, key=grid.get)
+    tuning[name], chosen[name] = list(grid.items()), best
+    seeds = set()
+    for r in mine:  # the results: every seed at the full budget and best lr
+      if r['total_steps'] == full and r['learning_rate'] == best:
+        if r['seed'] not in seeds:
+          seeds.add(r['seed'])
+          runs.append(r)
+    if not seeds:
+      raise SystemExit(
+        f'--merge: {name} does best at lr {best:g} in its search, but no '
+        'full-budget run has that lr.'
+      )
   runs.sort(key=lambda r: (order[r['optimizer']], r['seed']))
-  chosen = {r['optimizer']: r['learning_rate'] for r in runs}
-  for name in chosen:
-    if name not in tuning:  # tuned at the full budget: the seed-0 runs
-      tuning[name] = [
-        (r['learning_rate'], r['history'][-1][metric])
-        for r in runs
-        if r['optimizer'] == name and r['seed'] == 0
-      ]
   last = runs[0]['history'][-1]
+  final_key = next(iter(runs[0]['final']))
+  if all('test_accuracy' in r['final'] for r in runs):
+    final_key = 'test_accuracy'  # as in a fresh run: test when there is one
   results = {
     'task': args.task,
     'data': args.data or task_train.EMBEDDED_DATA,
     'metric': metric,
     'higher_is_better': higher,
-    'final_metric': next(iter(runs[0]['final'])),
+    'final_metric': final_key,
     'budget': f'{full} steps ({last["epoch"]:.2f} epochs)',
     'tune_budget': min(
       [r['total_steps'] / full for r in lines if r['total_steps'] < full],

@@ -120,6 +120,14 @@ def test_matches_optax_contrib_muon_without_nesterov():
     chex.assert_trees_all_close(uo, ut, atol=1e-6)
 
 
+def test_default_group_strategy_per_backend():
+  # Measured (benchmarks/README.md): unrolled plain calls on XLA:CPU, one
+  # batched call per group on accelerators.
+  assert muon_optax.default_group_strategy('cpu') == 'unroll'
+  assert muon_optax.default_group_strategy('gpu') == 'stack'
+  assert muon_optax.default_group_strategy('tpu') == 'stack'
+
+
 @pytest.mark.parametrize('strategy', ['stack', 'unroll', 'map'])
 def test_group_strategies_equal_per_leaf(strategy):
   params = {

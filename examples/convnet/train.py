@@ -29,7 +29,8 @@ class Config:
     epochs: training epochs (over the training split minus validation).
     val_size: images carved from the training split for validation.
     test_size: when the data has no test split, images carved from the
-      training split as one (before `val_size`); 0 reports validation.
+      training split as one (before `val_size`); None: a fifth of them, at
+      most 10,000; 0: none, validation accuracy is reported.
     train_size: a fixed subset of the rest to train on; None keeps all.
     flip: random horizontal flips (off for digits).
     translate: random translation by up to this many pixels (reflect pad).
@@ -41,7 +42,7 @@ class Config:
   batch_size: int = 128
   epochs: float = 4.0
   val_size: int = 5000
-  test_size: int = 10_000
+  test_size: int | None = None
   train_size: int | None = None
   flip: bool = True
   translate: int = 2
@@ -288,8 +289,11 @@ def load_data(
   data: str | None, config: Config, cache_dir: str | None = None
 ) -> input_pipeline.Dataset:
   dataset = input_pipeline.load(data, cache_dir)
-  if dataset.test is None and config.test_size:
-    dataset = input_pipeline.holdout_test(dataset, config.test_size)
+  size = config.test_size
+  if size is None:
+    size = min(10_000, len(dataset.train.labels) // 5)
+  if dataset.test is None and size:
+    dataset = input_pipeline.holdout_test(dataset, size)
   return dataset
 
 

@@ -49,6 +49,8 @@ def test_holdout_test_split_is_disjoint_from_validation():
   parts = [set(carved.test.labels), set(val.labels), set(train.labels)]
   assert [len(p) for p in parts] == [20, 10, 70]
   assert set.union(*parts) == set(ids)
+  for split in (carved.test, val, train):  # images stay with their labels
+    np.testing.assert_array_equal(split.images[:, 0, 0, 0], split.labels)
   again = input_pipeline.holdout_test(dataset, 20)  # a fixed split
   np.testing.assert_array_equal(again.test.labels, carved.test.labels)
   with pytest.raises(ValueError, match='already has a test split'):
@@ -63,6 +65,9 @@ def test_load_data_carves_a_test_split_when_absent(tmp_path):
   dataset = train.load_data(str(tmp_path / 'data'), config, tmp_path / 'c')
   assert len(dataset.test.labels) == 2 and len(dataset.train.labels) == 4
   assert train.final_metric(dataset) == 'test_accuracy'
+  default = dataclasses.replace(_tiny(), test_size=None)  # a fifth: 1 of 6
+  dataset = train.load_data(str(tmp_path / 'data'), default, tmp_path / 'c')
+  assert len(dataset.test.labels) == 1
 
 
 def test_digits_shape():

@@ -54,6 +54,18 @@ def check(optimizer: str) -> dict:
   sharded = train.train_and_evaluate(
     _config(MESH), corpus, optimizer=optimizer, learning_rate=lr
   )
+  # What train_and_evaluate itself did with the mesh: every matrix (and
+  # only with the mesh) ends sharded over fsdp.
+  flat, _ = jax.tree_util.tree_flatten_with_path(
+    nnx.state(train.make_model(_config()), nnx.Param)
+  )
+  ndim = {
+    jax.tree_util.keystr(k, simple=True, separator='/'): x.ndim for k, x in flat
+  }
+  run_layouts = sharded['param_shardings']
+  run_matrices_sharded = single['param_shardings'] is None and all(
+    "'fsdp'" in run_layouts[path] for path, n in ndim.items() if n >= 2
+  )
   keys = ('train_loss', 'val_loss')
   rel = max(
     abs(a[k] - b[k]) / abs(a[k])
@@ -97,6 +109,8 @@ def check(optimizer: str) -> dict:
   return {
     'optimizer': optimizer,
     'devices': jax.device_count(),
+    'run_mesh': sharded['mesh'],
+    'run_matrices_sharded': run_matrices_sharded,
     'rel_err': rel,
     'params_keep_sharding': same(params, param_shardings),
     'state_keeps_sharding': same(opt_state, state_shardings),

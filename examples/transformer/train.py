@@ -51,7 +51,7 @@ class Config:
   eval_windows: int = 512
   eval_batch_size: int = 128
   max_bytes: int = 2_000_000
-  mesh: tuple[int, ...] | None = None
+  mesh: tuple[int, int] | None = None
 
 
 def tiny_config() -> Config:
@@ -131,19 +131,22 @@ def make_mesh(shape: tuple[int, ...]) -> jax.sharding.Mesh:
   if math.prod(shape) != jax.device_count():
     raise ValueError(
       f'`mesh` {shape} needs {math.prod(shape)} devices, there are '
-      f'{jax.device_count()}. On a CPU, emulate them with '
+      f'{jax.device_count()}. On a CPU, emulate them by setting '
       f'XLA_FLAGS=--xla_force_host_platform_device_count={math.prod(shape)} '
-      '(or compare.py --mesh, which sets it).'
+      'before JAX starts.'
     )
   auto = (jax.sharding.AxisType.Auto,) * 2
   return jax.make_mesh(shape, ('data', 'fsdp'), axis_types=auto)
 
 
-def fsdp_sharding(mesh: jax.sharding.Mesh, shape: tuple[int, ...]):
+def fsdp_sharding(
+  mesh: jax.sharding.Mesh, shape: tuple[int, ...]
+) -> jax.sharding.NamedSharding:
   """Shards the largest axis of `shape` that `fsdp` divides; else replicates.
 
   Applied to the parameters and to every optimizer-state leaf alike, so a
-  momentum or Adam moment lands where its parameter lives.
+  momentum or Adam moment lands where its parameter lives; scalars (step
+  counts) and leaves with no such axis are replicated.
   """
   n = mesh.shape['fsdp']
   spec = [None] * len(shape)
@@ -154,7 +157,11 @@ def fsdp_sharding(mesh: jax.sharding.Mesh, shape: tuple[int, ...]):
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
 
 
-def shard(model: nnx.Module, tx: optax.GradientTransformation, mesh):
+def shard(
+  model: nnx.Module,
+  tx: optax.GradientTransformation,
+  mesh: jax.sharding.Mesh,
+) -> tuple[optax.OptState, tuple[Any, Any]]:
   """Shards `model` in place for FSDP; returns the sharded optimizer state.
 
   Returns `(opt_state, shardings)` where `shardings` holds the parameters'
@@ -174,7 +181,9 @@ def shard(model: nnx.Module, tx: optax.GradientTransformation, mesh):
 _COMPILED: dict[Any, Callable[..., Any]] = {}
 
 
-def _train_step_fn(tx: optax.GradientTransformation, shardings=None):
+def _train_step_fn(
+  tx: optax.GradientTransformation, shardings: tuple[Any, Any] | None = None
+):
   @nnx.jit
   def train_step(model, opt_state, lrs, x, y):
     loss, grads = nnx.value_and_grad(_loss)(model, x, y)
@@ -236,9 +245,10 @@ def train_and_evaluate(
     compilation excluded), train_loss, val_loss), `final` (`val_loss`) and
     `step_time`.
   """
-  mesh = make_mesh(config.mesh) if config.mesh else None
+  mesh = make_mesh(config.mesh) if config.mesh is not None else None
   # Under the ambient mesh Muon splits its Newton–Schulz work over devices.
-  with jax.set_mesh(mesh) if mesh else contextlib.nullcontext():
+  context = contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
+  with context:
     muon_config = muon_config or default_muon_config()
     eval_bs = min(config.eval_batch_size, config.eval_windows)
     windows = input_pipeline.eval_windows(
@@ -268,7 +278,7 @@ def train_and_evaluate(
       _COMPILED[cache_key] = _train_step_fn(tx, shardings)
     train_step = _COMPILED[cache_key]
 
-    tokens_per_epoch = len(corpus.train)
+    epochs_per_step = config.batch_size * config.context / len(corpus.train)
     data = input_pipeline.batches(
       corpus.train,
       config.batch_size,
@@ -302,10 +312,7 @@ def train_and_evaluate(
         history.append(
           {
             'step': step,
-            'epoch': step
-            * config.batch_size
-            * config.context
-            / tokens_per_epoch,
+            'epoch': step * epochs_per_step,
             'wall_time': wall,
             'train_loss': float(np.mean([float(v) for v in losses])),
             'val_loss': val_loss,
@@ -320,6 +327,17 @@ def train_and_evaluate(
           bar.set_postfix(val_loss=f'{val_loss:.3f}')
     if bar:
       bar.close()
+    layouts = None
+    if mesh is not None:  # where the trained parameters live
+      flat, _ = jax.tree_util.tree_flatten_with_path(
+        nnx.state(model, nnx.Param)
+      )
+      layouts = {
+        jax.tree_util.keystr(k, simple=True, separator='/'): str(
+          x.sharding.spec
+        )
+        for k, x in flat
+      }
 
   result = {
     'optimizer': optimizer,
@@ -330,6 +348,8 @@ def train_and_evaluate(
     'step_time': wall / max(1, config.steps - 1),
     'first_step_time': first_step_time,
     'total_steps': config.steps,
+    'mesh': config.mesh,
+    'param_shardings': layouts,
   }
   if workdir is not None:
     out = pathlib.Path(workdir)

@@ -8,6 +8,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -105,7 +106,8 @@ def test_data_parallel_fsdp_on_8_devices_equals_one_device():
   )
   assert proc.returncode == 0, proc.stderr[-4000:]
   out = json.loads(proc.stdout.strip().splitlines()[-1])
-  assert out['devices'] == 8
+  assert out['devices'] == 8 and out['run_mesh'] == [2, 4]
+  assert out['run_matrices_sharded']  # train_and_evaluate used the mesh
   assert out['rel_err'] < 1e-5
   assert out['params_keep_sharding'] and out['state_keeps_sharding']
   # Every matrix and every 2-D state leaf is split over the fsdp axis.
@@ -117,3 +119,19 @@ def test_mesh_needs_its_devices():
   config = dataclasses.replace(_tiny(), mesh=(2, 64))
   with pytest.raises(ValueError, match='needs 128 devices'):
     train.train_and_evaluate(config, train.load_data(None, config))
+  with pytest.raises(ValueError, match=r'must be \(data, fsdp\)'):
+    train.make_mesh((8,))
+
+
+def test_fsdp_sharding_picks_the_largest_divisible_axis():
+  mesh = jax.sharding.Mesh(
+    np.array(jax.devices()[:1]).reshape(1, 1), ('data', 'fsdp')
+  )
+  spec = lambda shape: tuple(train.fsdp_sharding(mesh, shape).spec)
+  assert spec((64, 256)) == (None, 'fsdp')
+  assert spec(()) == ()
+  mesh4 = jax.sharding.AbstractMesh((1, 4), ('data', 'fsdp'))
+  spec4 = lambda shape: tuple(train.fsdp_sharding(mesh4, shape).spec)
+  assert spec4((256, 6)) == ('fsdp', None)
+  assert spec4((6, 10)) == (None, None)  # no axis divisible by 4
+  assert spec4((3, 8, 2)) == (None, 'fsdp', None)
