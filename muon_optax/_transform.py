@@ -43,8 +43,8 @@ def default_group_strategy(backend: str | None = None) -> str:
   idle cores) one batched Newton–Schulz is slower than plain per-matrix dots,
   and one plain call per matrix lets XLA run independent matrices on
   different cores: on the 12-layer d384 GPT-like tree the full update took
-  998 ms unrolled, 1184 ms as a `lax.map` per group and 1389 ms stacked; on
-  the ResNet-18-like tree 45, 50 and 45 ms (benchmarks/README.md). So a
+  1042 ms unrolled, 1221 ms as a `lax.map` per group and 1445 ms stacked; on
+  the ResNet-18-like tree 47, 51 and 48 ms (benchmarks/README.md). So a
   group is unrolled there.
   """
   backend = backend or jax.default_backend()
@@ -52,7 +52,11 @@ def default_group_strategy(backend: str | None = None) -> str:
 
 
 def _check_like_momentum(updates: Any, momentum: Any) -> None:
-  """Raises, naming the path, when `updates` do not match the initial params."""
+  """Raises, naming the path, when `updates` do not match the initial params.
+
+  Gradients first appear at `update`; the check is on static shapes, so it
+  runs once, when `update` is traced.
+  """
   grads = _paths.leaves_with_paths(updates)
   moms = jax.tree.leaves(momentum)
   if len(grads) != len(moms):
