@@ -533,16 +533,17 @@ def markdown(res: dict[str, Any]) -> str:
       f'- {u["tree"]["name"]}: **{u["speedup_vs_optax_muon"]:.2f}×** '
       f'({u["ns_gflop"]:.1f} GFLOP of Newton–Schulz per update)'
     )
-  lines += [
-    '',
-    'State with `mu_dtype=jnp.bfloat16` (Muon momentum and Adam first '
-    'moment in bfloat16; not the default), ÷ adamw: '
-    + ', '.join(
-      f'{u["tree"]["name"]} {u["state_vs_adamw_bf16_momentum"]:.3f}'
-      for u in res['update']
-    )
-    + '.',
-  ]
+  if res['update']:  # not with --only skipping it
+    lines += [
+      '',
+      'State with `mu_dtype=jnp.bfloat16` (Muon momentum and Adam first '
+      'moment in bfloat16; not the default), ÷ adamw: '
+      + ', '.join(
+        f'{u["tree"]["name"]} {u["state_vs_adamw_bf16_momentum"]:.3f}'
+        for u in res['update']
+      )
+      + '.',
+    ]
   tr = res['train']
   lines += [
     '',
