@@ -441,7 +441,7 @@ def markdown(r: dict[str, Any]) -> str:
     lines += [
       '',
       f'### {d["name"]}: {d["params"]:,} params, {d["muon_matrices"]} Muon '
-      f'matrices, {u["ns_gflop"]:.2f} GFLOP of Newton–Schulz',
+      f'matrices, {u["ns_gflop"]:.3g} GFLOP of Newton–Schulz',
       '',
       f'Fastest strategy: `{u["fastest_strategy"]}`; default: '
       f'`{u["default_group_strategy"]}`; strategies agree to '
