@@ -388,12 +388,9 @@ class _Analysis:
     name = eqn.primitive.name
     if name in ('optimization_barrier', 'device_put'):
       return list(ins[: len(eqn.outvars)])
-    if name == 'concatenate':
-      moved = list(ins)
-    elif name == 'pad':
-      moved = [ins[0]]
-    else:
-      moved = [ins[0]]
+    # Concatenate moves every operand; the others move operand 0 (pad's
+    # second operand is its padding value).
+    moved = list(ins) if name == 'concatenate' else [ins[0]]
     sources = _structural_sources(eqn)
     data = any(i.data for i in ins)
     heads = frozenset().union(*(i.heads for i in ins))
@@ -725,15 +722,14 @@ def _is_view(x: Any) -> bool:
 
 
 def _struct(x: Any, what: str) -> jax.ShapeDtypeStruct:
-  if isinstance(x, jax.ShapeDtypeStruct):
-    return jax.ShapeDtypeStruct(x.shape, x.dtype)
-  if hasattr(x, 'shape') and hasattr(x, 'dtype'):
-    return jax.ShapeDtypeStruct(tuple(x.shape), x.dtype)
+  """Shape and dtype only, so that tracing cannot touch the values."""
   if isinstance(x, (bool, int, float, complex, np.generic)):
-    arr = np.asarray(x)
-    return jax.ShapeDtypeStruct(
-      arr.shape, jax.dtypes.canonicalize_dtype(arr.dtype)
-    )
+    x = np.asarray(x)
+  if hasattr(x, 'shape') and hasattr(x, 'dtype'):
+    dtype = x.dtype
+    if isinstance(dtype, np.dtype):  # not a PRNG key's extended dtype
+      dtype = jax.dtypes.canonicalize_dtype(dtype)
+    return jax.ShapeDtypeStruct(tuple(x.shape), dtype)
   raise TypeError(
     f'{what} is a {type(x).__name__}; trace_routing needs arrays or '
     '`jax.ShapeDtypeStruct`s as parameter leaves.'
@@ -888,7 +884,7 @@ def trace_routing(
     params: a pytree of arrays or `jax.ShapeDtypeStruct`s (a dict, an NNX
       State, an Equinox module).
     *args: the other inputs; array leaves (or `jax.ShapeDtypeStruct`s) are
-      traced, any other leaf (a flag) is passed as is.
+      traced, any other leaf (a flag, a Python number) is passed as is.
     head: `'adam'` (default) or `'muon'`: where the output head goes.
     **kwargs: keyword inputs, treated as `args`.
 
