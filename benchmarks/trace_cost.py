@@ -209,8 +209,9 @@ def main():
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   (out / 'trace_cost.json').write_text(json.dumps(record, indent=2))
+  platform = jax.devices()[0].platform
   md = [
-    f'# trace_routing cost ({jax.devices()[0].platform}, jax {jax.__version__})',
+    f'# trace_routing cost ({platform}, jax {jax.__version__})',
     '',
     f'trace_routing: median of {args.runs} calls after one warm-up; its '
     'make_jaxpr part timed alone in alternating rounds; analysis: median '

@@ -419,6 +419,19 @@ class _Analysis:
       self.use(info, _Use('index', name))
     return self.opaque(eqn, ins)
 
+  @staticmethod
+  def _heads(lhs: _Info, rhs: _Info) -> frozenset[int]:
+    """The heads of a matmul-like op's output.
+
+    An op with a parameter operand (a re-layout or not) against activations
+    is a parameterised matmul: its output starts afresh from its own leaves.
+    """
+    own: set[int] = set()
+    for side, other in ((lhs, rhs), (rhs, lhs)):
+      if other.data and not side.data:
+        own |= {r.leaf for r in side.refs} | side.derived
+    return frozenset(own) if own else lhs.heads | rhs.heads
+
   def _param_side(self, side: _Info, other: _Info, name: str) -> bool:
     """Records a matmul-like op's non-matmul uses; True if a weight use."""
     if side.refs and other.data:
@@ -524,12 +537,8 @@ class _Analysis:
       + side_tags(rhs, rfree, rnd, rw)
     )
     data = lhs.data or rhs.data
-    if weights:
-      heads = frozenset(r.leaf for w, _ in weights for r in w.refs)
-    else:
-      heads = lhs.heads | rhs.heads
     derived = frozenset() if data else self._derived(ins)
-    return _Info(data, frozenset(), derived, heads, tags)
+    return _Info(data, frozenset(), derived, self._heads(lhs, rhs), tags)
 
   def conv(self, eqn: Any, ins: list[_Info]) -> _Info:
     lhs, rhs = ins[:2]
@@ -574,12 +583,9 @@ class _Analysis:
       tags[out_spec[1]] = frozenset(
         (r.leaf, a) for r in rhs.refs for a in r.axes[rhs_spec[0]]
       )
-      heads = frozenset(r.leaf for r in rhs.refs)
-    else:
-      heads = lhs.heads | rhs.heads
     data = any(i.data for i in ins)
     derived = frozenset() if data else self._derived(ins)
-    return _Info(data, frozenset(), derived, heads, tuple(tags))
+    return _Info(data, frozenset(), derived, self._heads(lhs, rhs), tuple(tags))
 
   # -- control flow -----------------------------------------------------
 

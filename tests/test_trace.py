@@ -617,24 +617,34 @@ def test_routings_drive_one_update():
 # -- How values are followed -------------------------------------------------
 
 
-def test_layouts_loops_and_sub_jaxprs():
-  """Transposes, stacked-layer loops, remat, custom_vjp, cond, shard_map."""
+@functools.cache
+def layouts_and_loops():
+  """Transposes, stacked-layer loops, remat, custom rules, cond, shard_map."""
   mesh = jax.make_mesh((1,), ('x',))
   spec = jax.sharding.PartitionSpec()
 
   @jax.custom_vjp
-  def ident(w):
+  def vjp_ident(w):
     return w
 
-  ident.defvjp(lambda w: (w, None), lambda _, g: (g,))
+  vjp_ident.defvjp(lambda w: (w, None), lambda _, g: (g,))
+
+  @jax.custom_jvp
+  def jvp_ident(w):
+    return w
+
+  jvp_ident.defjvp(lambda primals, tangents: (primals[0], tangents[0]))
 
   def fn(p, x):
     x = x @ p['torch'].T  # (out, in) weight, PyTorch layout
     x = lax.fori_loop(0, 3, lambda i, h: jnp.tanh(h @ p['fori'][i]), x)
     for k in range(2):  # static indices: slices, not lookups
       x = x @ p['unrolled'][k]
+    x = lax.while_loop(
+      lambda c: c[0] < 2, lambda c: (c[0] + 1, c[1] @ p['while']), (0, x)
+    )[1]
     x = jax.checkpoint(lambda h: h @ p['remat'])(x)
-    x = x @ ident(p['custom'])
+    x = x @ vjp_ident(p['custom_vjp']) @ jvp_ident(p['custom_jvp'])
     x = lax.cond(x.sum() > 0, lambda h: h @ p['cond'], lambda h: -h, x)
     x = jax.shard_map(
       lambda h, w: h @ w, mesh=mesh, in_specs=(spec, spec), out_specs=spec
@@ -642,39 +652,37 @@ def test_layouts_loops_and_sub_jaxprs():
     x = x @ p['fused'].reshape(16, 2, 16)[:, 0]  # split, slice
     return x @ p['head']
 
-  d = (16, 16)
-  params = _real(
-    {
-      'torch': jnp.zeros((16, 8)),
-      'fori': jnp.zeros((3, *d)),
-      'unrolled': jnp.zeros((2, *d)),
-      'remat': jnp.zeros(d),
-      'custom': jnp.zeros(d),
-      'cond': jnp.zeros(d),
-      'shard': jnp.zeros(d),
-      'fused': jnp.zeros((16, 32)),
-      'head': jnp.zeros((16, 10)),
-    }
-  )
+  d = jax.ShapeDtypeStruct((16, 16), jnp.float32)
+  params = _real({
+    'torch': jax.ShapeDtypeStruct((16, 8), jnp.float32),
+    'fori': jax.ShapeDtypeStruct((3, 16, 16), jnp.float32),
+    'unrolled': jax.ShapeDtypeStruct((2, 16, 16), jnp.float32),
+    **dict.fromkeys(
+      ('while', 'remat', 'custom_vjp', 'custom_jvp', 'cond', 'shard'), d),
+    'fused': jax.ShapeDtypeStruct((16, 32), jnp.float32),
+    'head': jax.ShapeDtypeStruct((16, 10), jnp.float32),
+  })  # fmt: skip
   routing = trace_routing(fn, params, jnp.zeros((4, 8)))
-  _check(
-    routing,
-    params,
-    {
-      'torch': _muon(TORCH, '8x16', 'dot_general operand, contracts axis 1'),
-      'fori': _muon(
-        DENSE, '3x(16x16)', 'dot_general operand, contracts axis 1'
-      ),
-      'unrolled': _muon(DENSE, '2x(16x16)'),
-      **{k: _muon(DENSE, '16x16') for k in ('remat', 'custom', 'cond')},
-      'shard': _muon(DENSE, '16x16'),
-      'fused': _muon(DENSE, '16x32'),
-      'head': _head(DENSE, '16x10'),
-    },
-  )
+  stacked = _muon(DENSE, '3x(16x16)', 'dot_general operand, contracts axis 1')
+  followed = ('while', 'remat', 'custom_vjp', 'custom_jvp', 'cond', 'shard')
+  expected = {
+    'torch': _muon(TORCH, '8x16', 'dot_general operand, contracts axis 1'),
+    'fori': stacked,
+    'unrolled': _muon(DENSE, '2x(16x16)', STACKED),
+    **{k: _muon(DENSE, '16x16', 'dot_general operand, contracts axis 0')
+       for k in followed},
+    'fused': _muon(DENSE, '16x32'),
+    'head': _head(DENSE, '16x10'),
+  }  # fmt: skip
+  return routing, params, expected
 
 
-def test_what_is_left_to_adam_and_why():
+def test_layouts_loops_and_sub_jaxprs():
+  _check(*layouts_and_loops())
+
+
+@functools.cache
+def left_to_adam():
   def fn(p, x):
     x = x @ p['tied_ae'] @ p['tied_ae'].T  # two different views
     x = x @ p['tangled'].reshape(8, 6)  # (6, 8) read as (8, 6)
@@ -683,28 +691,33 @@ def test_what_is_left_to_adam_and_why():
     x = jnp.concatenate([x, x], -1) @ (p['a'] @ p['b'])  # a parameter product
     return x * p['gain']
 
-  params = _real(
-    {
-      'tied_ae': jnp.zeros((8, 16)),
-      'tangled': jnp.zeros((6, 8)),
-      'normed': jnp.zeros((6, 64)),
-      'thin': jnp.zeros((64, 2)),
-      'a': jnp.zeros((4, 8)),
-      'b': jnp.zeros((8, 5)),
-      'gain': jnp.zeros(()),
-    }
-  )
-  routing = trace_routing(fn, params, jnp.zeros((3, 8)), head='muon')
+  params = _real({
+    'tied_ae': jax.ShapeDtypeStruct((8, 16), jnp.float32),
+    'tangled': jax.ShapeDtypeStruct((6, 8), jnp.float32),
+    'normed': jax.ShapeDtypeStruct((6, 64), jnp.float32),
+    'thin': jax.ShapeDtypeStruct((64, 2), jnp.float32),
+    'a': jax.ShapeDtypeStruct((4, 8), jnp.float32),
+    'b': jax.ShapeDtypeStruct((8, 5), jnp.float32),
+    'gain': jax.ShapeDtypeStruct((), jnp.float32),
+  })  # fmt: skip
+  return trace_routing(fn, params, jnp.zeros((3, 8)), head='muon'), params
+
+
+def test_what_is_left_to_adam_and_why():
+  routing, _ = left_to_adam()
   reasons = routing.reasons
   assert set(jax.tree.leaves(routing.labels)) == {'adam'}
-  assert reasons['tied_ae'].startswith('conflicting uses')
-  assert reasons['tangled'].startswith('unclassified') and (
-    'ambiguous' in reasons['tangled']
+  assert reasons['tied_ae'] == (
+    'conflicting uses: reduction->output axes (0)->(1) vs (1)->(0)'
   )
-  assert reasons['normed'].startswith('unclassified') and (
-    'non-layout' in reasons['normed']
+  assert reasons['tangled'] == (
+    'unclassified: dot_general operand whose axis map is ambiguous (leaf '
+    'axes 0, 1 both contracted and kept after a reshape)'
   )
-  assert reasons['thin'].startswith('degenerate 64x2')
+  assert reasons['normed'] == (
+    'unclassified: dot_general operand only after non-layout ops'
+  )
+  assert reasons['thin'].startswith('degenerate 64x2; dot_general operand')
   assert routing.views['thin'] == DENSE
   for k in 'ab':
     assert reasons[k].startswith('unclassified')
