@@ -158,6 +158,7 @@ class _Use:
   output: frozenset[int] = frozenset()
   conv_layout: str = ''  # letters per leaf axis, for convolution kernels
   depthwise: bool = False
+  groups: int = 1
 
 
 def _shape(v: Any) -> tuple[int, ...]:
@@ -454,6 +455,7 @@ class _Analysis:
     *,
     conv_roles: dict[int, str] | None = None,
     depthwise: bool = False,
+    groups: int = 1,
   ) -> None:
     reduction_axes, output_axes = set(reduction_axes), set(output_axes)
     roles: dict[int, set[str]] = {}
@@ -487,6 +489,7 @@ class _Analysis:
         frozenset(a for a, r in roles.items() if r == {'o'}),
         layout,
         depthwise,
+        groups,
       )
     )
 
@@ -496,14 +499,14 @@ class _Analysis:
     lnd, rnd = len(_shape(eqn.invars[0])), len(_shape(eqn.invars[1]))
     lfree = [i for i in range(lnd) if i not in lc and i not in lb]
     rfree = [i for i in range(rnd) if i not in rc and i not in rb]
-    weights = []
+    is_weight = []
     for side, other, c, free, obatch in (
       (lhs, rhs, lc, lfree, rb),
       (rhs, lhs, rc, rfree, lb),
     ):
-      if not self._param_side(side, other, 'dot_general'):
+      is_weight.append(self._param_side(side, other, 'dot_general'))
+      if not is_weight[-1]:
         continue
-      weights.append((side, free))
       for ref in side.refs:
         self._matmul_use(ref, c, free, 'dot_general')
         # An activation axis made by another weight's fan-out that meets
@@ -527,8 +530,7 @@ class _Analysis:
         return [frozenset()] * len(axes)
       return [side.tags[i] for i in axes]
 
-    lw = any(w is lhs for w, _ in weights)
-    rw = any(w is rhs for w, _ in weights)
+    lw, rw = is_weight
     lbt = side_tags(lhs, lb, lnd, False) if not lw else [frozenset()] * len(lb)
     rbt = side_tags(rhs, rb, rnd, False) if not rw else [frozenset()] * len(rb)
     tags = tuple(
@@ -572,6 +574,7 @@ class _Analysis:
           'conv_general_dilated',
           conv_roles=roles,
           depthwise=depthwise,
+          groups=groups,
         )
     nd = len(_shape(eqn.outvars[0]))
     tags: list[frozenset] = [frozenset()] * nd
@@ -803,6 +806,8 @@ def _decide(
       layout = f' ({use.conv_layout})' if use.conv_layout else ''
       kind = 'depthwise conv kernel' if use.depthwise else 'conv kernel'
       why = f'{kind}{layout} {dims} -> {resolved.describe()}'
+      if use.groups > 1:
+        why += f', {use.groups} groups'
     else:
       why = (
         f'dot_general operand, contracts {_axes_text(reduction)} -> '
