@@ -42,10 +42,8 @@ from benchmarks.flops import matmul_flops  # noqa: E402
 from benchmarks.timing import compile_seconds  # noqa: E402
 from benchmarks.timing import interleaved  # noqa: E402
 import muon_optax  # noqa: E402
-from muon_optax import _coeffs  # noqa: E402
-from muon_optax import _transform  # noqa: E402
 
-JORDAN = jnp.array(_coeffs.JORDAN[0])
+JORDAN = jnp.array((3.4445, -4.7750, 2.0315))  # KellerJordan/Muon
 NS_STEPS = 5
 
 
@@ -101,7 +99,6 @@ def ns_section(quick: bool, runs: int) -> list[dict[str, Any]]:
       for s in shapes
     ]
   peak, peak_flops = _peak_fn(1024 if quick else 2048)
-  plan = _coeffs.resolve_ns_coeffs('jordan', NS_STEPS)
   rows = []
   for name, shape in shapes:
     x = jax.random.normal(_key(3), shape, jnp.float32)
@@ -122,14 +119,16 @@ def ns_section(quick: bool, runs: int) -> list[dict[str, Any]]:
       if strategy is None:
         o = muon_optax.orthogonalize(mats, ns_coeffs='jordan')
       else:
-        (o,) = _transform._orthogonalize_groups(  # pylint: disable=protected-access
-          [mats],
-          [1.0],
-          plan=plan,
-          eps=1e-7,
-          compute_dtype=None,
-          strategy=strategy,
+        # beta=0 without Nesterov: the "momentum" is the input itself.
+        tx = muon_optax.scale_by_muon(
+          'jordan',
+          NS_STEPS,
+          0.0,
+          nesterov=False,
+          matrix_views=muon_optax.MatrixView.dense(),
+          group_strategy=strategy,
         )
+        o, _ = tx.update(mats, tx.init(mats))
       return view.from_matrices(o)
 
     variants = {'muon_optax': jax.jit(ours)}
@@ -249,7 +248,7 @@ def update_section(
     muon_optax.muon,
     1e-3,
     ns_coeffs='jordan',
-    scaling='jordan',
+    consistent_rms=None,
     param_labels=tree.labels,
     matrix_views=tree.dims,
   )

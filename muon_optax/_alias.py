@@ -1,6 +1,5 @@
 """`muon`: Muon for the weight matrices, AdamW for everything else."""
 
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -12,45 +11,6 @@ from muon_optax import _paths
 from muon_optax import _routing
 from muon_optax import _transform
 from muon_optax._coeffs import NsCoeffs
-
-ParamLabels = Any | Callable[[optax.Params], Any] | None
-
-
-def _label_fn(param_labels: ParamLabels) -> Callable[[Any], Any]:
-  """A function from any params tree to its label tree, matched by path."""
-  if _routing._is_module(param_labels):  # pylint: disable=protected-access
-    param_labels = _routing.param_labels(param_labels)
-
-  def labels_for(params):
-    if param_labels is None:
-      rules = _routing.route(params)
-      return _paths.map_with_paths(lambda p, _: rules[p][0], params)
-    given = param_labels(params) if callable(param_labels) else param_labels
-    lookup = _paths.PathLookup(given)
-
-    def label(path, _):
-      value = lookup.get(path)
-      if value is None:
-        raise ValueError(
-          f'`param_labels` has no label for parameter {path!r}; the label '
-          'tree must have the structure of the params (or be a prefix of it).'
-        )
-      if value not in _routing.LABELS:
-        raise ValueError(
-          f'`param_labels` gives parameter {path!r} the label {value!r}; the '
-          f'labels are {list(_routing.LABELS)}.'
-        )
-      return value
-
-    labels = _paths.map_with_paths(label, params)
-    if lookup.unused():
-      raise ValueError(
-        '`param_labels` does not match the params: its entries '
-        f'{lookup.unused()} name no parameter.'
-      )
-    return labels
-
-  return labels_for
 
 
 def _mask_fn(mask: Any) -> Any:
@@ -67,24 +27,27 @@ def _mask_fn(mask: Any) -> Any:
 
 def muon(
   learning_rate: optax.ScalarOrSchedule,
-  *,
   ns_coeffs: NsCoeffs = 'polar_express',
-  ns_steps: int = 5,
+  ns_steps: int | None = None,
   beta: jax.typing.ArrayLike = 0.95,
-  nesterov: bool = True,
-  scaling: str = 'rms',
-  eps: float = _newton_schulz.DEFAULT_EPS,
+  eps: jax.typing.ArrayLike = _newton_schulz.DEFAULT_EPS,
   weight_decay: jax.typing.ArrayLike = 0.0,
   weight_decay_mask: Any = None,
   mu_dtype: jax.typing.DTypeLike | None = None,
+  *,
+  nesterov: bool = True,
+  adaptive: bool = False,
+  preconditioning: str = 'frobenius',
+  consistent_rms: jax.typing.ArrayLike | None = 0.2,
   compute_dtype: jax.typing.DTypeLike | None = None,
   adam_learning_rate: optax.ScalarOrSchedule | None = None,
   adam_b1: jax.typing.ArrayLike = 0.9,
   adam_b2: jax.typing.ArrayLike = 0.999,
   adam_eps: jax.typing.ArrayLike = 1e-8,
+  adam_eps_root: jax.typing.ArrayLike = 0.0,
   adam_weight_decay: jax.typing.ArrayLike = 0.0,
-  param_labels: ParamLabels = None,
-  matrix_views: _transform.MatrixViews = None,
+  param_labels: Any = None,
+  matrix_views: _routing.MatrixViews = None,
   group_strategy: str = 'auto',
   diagnostics: bool = False,
   mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
@@ -93,43 +56,63 @@ def muon(
 
   An `optax.partition` of two transformations:
 
-  - `'muon'`: `scale_by_muon` → decoupled weight decay → learning rate, i.e.
-    :math:`W \leftarrow W (1 - \eta \lambda) - \eta\, O`;
+  - `'muon'`: `scale_by_muon` → `scale_by_shape` → decoupled weight decay →
+    learning rate, i.e. :math:`W \leftarrow W (1 - \eta \lambda) - \eta\,
+    s\, O` (optax.contrib.muon's chain);
   - `'adam'`: plain `optax.adamw` with its own `adam_eps` (no hidden Nesterov
     and no shared `eps`, unlike optax.contrib.muon 0.2.8).
 
   Which leaf goes where is `param_labels`: by default the rules of
   `muon_optax.param_labels` (every weight matrix and every convolution kernel
   to Muon; biases, norms, embeddings, the output head and degenerate kernels
-  to Adam).
+  to Adam). `muon_optax.trace_routing` reads it from the model's computation
+  instead, which needs no names.
+
+  The positional arguments are optax.contrib.muon's, in its order; the rest
+  are keyword-only. It differs from optax.contrib.muon on purpose in three
+  defaults: `ns_coeffs='polar_express'` (closer to the polar factor in the
+  same 5 steps), `consistent_rms=0.2` (one learning rate serves the Muon
+  and Adam parts, and AdamW's carries over) and the routing above. With
+  `optax.inject_hyperparams(muon)` every numeric argument can be injected;
+  the arguments that shape the compiled program (`ns_steps`,
+  `preconditioning`, ...) default to values it leaves static.
 
   Args:
-    learning_rate: Muon's learning rate, a scalar or an optax schedule.
+    learning_rate: the learning rate, a scalar or an optax schedule.
     ns_coeffs: Newton–Schulz coefficients, see `orthogonalize`.
-    ns_steps: number of Newton–Schulz steps.
+    ns_steps: number of Newton–Schulz steps; None for the preset's (5).
     beta: momentum decay.
-    nesterov: use the Nesterov look-ahead.
-    scaling: `'rms'` (default), `'jordan'` or `'none'`, see `scale_by_muon`.
-    eps: added to the Frobenius norm before Newton–Schulz.
+    eps: keeps the Newton–Schulz input scaling finite.
     weight_decay: decoupled weight decay of the Muon leaves (multiplied by
       the learning rate, as in PyTorch and optax).
     weight_decay_mask: a tree (or prefix tree) of booleans, or a callable to
       one, restricting `weight_decay` among the Muon leaves.
     mu_dtype: dtype of the momenta (Muon and Adam); None keeps the params'.
+    nesterov: use the Nesterov look-ahead (Muon only).
+    adaptive: scale each update by a nuclear-norm estimate, see
+      `scale_by_muon`.
+    preconditioning: `'frobenius'`, `'spectral'`, `'aol'` or `'schatten'`,
+      see `orthogonalize`.
+    consistent_rms: the update RMS factor of `scale_by_shape` (0.2: AdamW's
+      RMS), or None for KellerJordan's width scaling
+      :math:`\sqrt{\max(1, \text{fan\_out}/\text{fan\_in})}`, which wants
+      a larger learning rate than Adam's (see `adam_learning_rate`).
     compute_dtype: dtype of the Newton–Schulz matmul operands.
     adam_learning_rate: the Adam part's learning rate; None uses
-      `learning_rate`, which is right with `scaling='rms'` (the default) and
-      too large with `'jordan'`.
+      `learning_rate`.
     adam_b1: Adam's first-moment decay.
     adam_b2: Adam's second-moment decay.
     adam_eps: Adam's epsilon.
+    adam_eps_root: Adam's epsilon inside the square root.
     adam_weight_decay: Adam's decoupled weight decay.
     param_labels: a tree (or prefix tree) of `'muon'`/`'adam'` matched by
-      path, a callable from params to one, a Flax NNX module (its default
-      rules, `muon_optax.param_labels(module)`), or None for the default rules
-      applied to the params tree.
+      path, a callable from params to one, a `Routing`
+      (`muon_optax.trace_routing`; its views are used too), a Flax NNX
+      module (its rules, `muon_optax.param_labels(module)`), or None for the
+      default rules applied to the params tree.
     matrix_views: see `scale_by_muon`; None takes the views from the module
-      when `param_labels` is one, and from shapes and names otherwise.
+      or `Routing` when `param_labels` is one, and from shapes and names
+      otherwise.
     group_strategy: see `scale_by_muon`.
     diagnostics: record per-leaf metrics every step (Muon's orthogonality
       error, momentum norm, and every leaf's applied update RMS and its ratio
@@ -163,23 +146,32 @@ def muon(
   """
   if adam_learning_rate is None:
     adam_learning_rate = learning_rate
-  if matrix_views is None and _routing._is_module(param_labels):  # pylint: disable=protected-access
-    matrix_views = _routing.matrix_views(param_labels)
+  if matrix_views is None and (
+    isinstance(param_labels, _routing.Routing)
+    or _routing.is_nnx_module(param_labels)
+  ):
+    matrix_views = (
+      _routing.routing(param_labels)
+      if _routing.is_nnx_module(param_labels)
+      else param_labels
+    )
   muon_tx = optax.chain(
     _transform.scale_by_muon(
-      beta=beta,
+      ns_coeffs,
+      ns_steps,
+      beta,
+      eps,
+      mu_dtype,
       nesterov=nesterov,
-      ns_coeffs=ns_coeffs,
-      ns_steps=ns_steps,
-      scaling=scaling,
-      eps=eps,
-      mu_dtype=mu_dtype,
+      adaptive=adaptive,
+      preconditioning=preconditioning,
       compute_dtype=compute_dtype,
       matrix_views=matrix_views,
       group_strategy=group_strategy,
       diagnostics=diagnostics,
       mesh=mesh,
     ),
+    _transform.scale_by_shape(matrix_views, consistent_rms),
     optax.add_decayed_weights(weight_decay, _mask_fn(weight_decay_mask)),
     optax.scale_by_learning_rate(learning_rate),
   )
@@ -188,12 +180,13 @@ def muon(
     b1=adam_b1,
     b2=adam_b2,
     eps=adam_eps,
+    eps_root=adam_eps_root,
     weight_decay=adam_weight_decay,
     mu_dtype=mu_dtype,
   )
   tx = optax.partition(
     {_routing.MUON: muon_tx, _routing.ADAM: adam_tx},
-    _label_fn(param_labels),
+    _routing.label_fn(param_labels),
   )
   if diagnostics:
     tx = optax.chain(tx, _diagnostics.record_update_stats())

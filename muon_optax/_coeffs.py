@@ -1,8 +1,6 @@
 """Newton–Schulz coefficient presets and their resolution to a step list."""
 
 from collections.abc import Sequence
-import math
-from typing import Any
 from typing import NamedTuple
 
 import numpy as np
@@ -49,29 +47,11 @@ class Preset(NamedTuple):
 
 PRESETS: dict[str, Preset] = {
   'jordan': Preset(JORDAN, 1.0),
+  # optax.contrib's name for the same quintic.
+  'standard': Preset(JORDAN, 1.0),
   'polar_express': Preset(POLAR_EXPRESS, _SAFETY),
   'dion': Preset(DION, 1.0),
 }
-
-# optax.inject_hyperparams turns every numeric argument into an array unless
-# it is listed in `static_args`; arguments that shape the compiled step say so.
-STATIC_HINT = (
-  "With optax.inject_hyperparams, pass static_args=('ns_steps', 'eps', "
-  "'mu_dtype')."
-)
-
-
-def check_eps(eps: Any) -> float:
-  """`eps` as a Python float; raises unless it is finite and >= 0."""
-  try:
-    value = float(eps)
-  except (TypeError, ValueError) as e:  # a string, or a traced value
-    hint = f' {STATIC_HINT}' if hasattr(eps, 'shape') else ''
-    raise TypeError(f'`eps` must be a Python float, got {eps!r}.{hint}') from e
-  if not (math.isfinite(value) and value >= 0):
-    raise ValueError(f'`eps` must be finite and >= 0, got {eps=}.')
-  return value
-
 
 NsCoeffs = str | Sequence[float] | Sequence[Sequence[float]] | np.ndarray
 
@@ -83,26 +63,35 @@ class NewtonSchulzPlan(NamedTuple):
   norm_scale: float
 
 
-def resolve_ns_coeffs(ns_coeffs: NsCoeffs, ns_steps: int) -> NewtonSchulzPlan:
+DEFAULT_NS_STEPS = 5
+
+
+def resolve_ns_coeffs(
+  ns_coeffs: NsCoeffs, ns_steps: int | None = None
+) -> NewtonSchulzPlan:
   """Turns a preset name or coefficient array into one triple per step.
 
   With `n` triples for `ns_steps` steps: the first `ns_steps` are used when
   `n >= ns_steps`, and the last triple is repeated when `n < ns_steps`.
-  Coefficients become Python floats, so they are compile-time constants and
-  never live in the optimizer state.
+  `ns_steps=None` means 5 for a preset or a single triple, and `n` for an
+  `(n, 3)` array. Coefficients become Python floats, so they are
+  compile-time constants and never live in the optimizer state.
 
   Raises:
     ValueError: for an unknown preset, an array that is not of shape (3,) or
-      (n, 3), non-finite coefficients, or `ns_steps` that is not a positive
-      integer.
+      (n, 3), non-finite coefficients, or `ns_steps` below 1.
+    TypeError: for `ns_steps` that is not a Python int (an array, say: the
+      number of steps shapes the compiled program, so it cannot be traced).
   """
-  if isinstance(ns_steps, bool) or not isinstance(ns_steps, (int, np.integer)):
-    hint = f' {STATIC_HINT}' if hasattr(ns_steps, 'shape') else ''
+  if ns_steps is not None and (
+    isinstance(ns_steps, bool) or not isinstance(ns_steps, (int, np.integer))
+  ):
     raise TypeError(
-      f'`ns_steps` must be a Python int, got {ns_steps!r} of type '
-      f'{type(ns_steps).__name__}.{hint}'
+      f'`ns_steps` must be a Python int or None, got {ns_steps!r} of type '
+      f'{type(ns_steps).__name__}. It shapes the compiled program: with '
+      'optax.inject_hyperparams, leave it at None or list it in static_args.'
     )
-  if ns_steps < 1:
+  if ns_steps is not None and ns_steps < 1:
     raise ValueError(f'`ns_steps` must be at least 1, got {ns_steps=}.')
   if isinstance(ns_coeffs, str):
     if ns_coeffs not in PRESETS:
@@ -111,6 +100,7 @@ def resolve_ns_coeffs(ns_coeffs: NsCoeffs, ns_steps: int) -> NewtonSchulzPlan:
         f'{sorted(PRESETS)}, or pass an array of shape (3,) or (n, 3).'
       )
     triples, norm_scale = PRESETS[ns_coeffs]
+    default_steps = DEFAULT_NS_STEPS
   else:
     try:
       arr = np.asarray(ns_coeffs, dtype=np.float64)
@@ -119,6 +109,7 @@ def resolve_ns_coeffs(ns_coeffs: NsCoeffs, ns_steps: int) -> NewtonSchulzPlan:
         '`ns_coeffs` must be a preset name or an array of shape (3,) or '
         f'(n, 3), got {ns_coeffs!r}.'
       ) from e
+    default_steps = DEFAULT_NS_STEPS if arr.ndim == 1 else len(arr)
     if arr.ndim == 1:
       arr = arr[None]
     if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] != 3:
@@ -130,8 +121,9 @@ def resolve_ns_coeffs(ns_coeffs: NsCoeffs, ns_steps: int) -> NewtonSchulzPlan:
       raise ValueError(f'`ns_coeffs` must be finite, got {arr.tolist()}.')
     triples = tuple(tuple(float(v) for v in row) for row in arr)
     norm_scale = 1.0
-  if len(triples) >= ns_steps:
-    steps = triples[:ns_steps]
+  steps = default_steps if ns_steps is None else int(ns_steps)
+  if len(triples) >= steps:
+    chosen = triples[:steps]
   else:
-    steps = triples + (triples[-1],) * (ns_steps - len(triples))
-  return NewtonSchulzPlan(tuple(steps), norm_scale)
+    chosen = triples + (triples[-1],) * (steps - len(triples))
+  return NewtonSchulzPlan(tuple(chosen), norm_scale)

@@ -4,7 +4,7 @@ With a mesh of D devices, every device orthogonalizes a share of the
 matrices instead of all of them (modded-nanogpt's banks, dion's megabatches,
 MaxText's layer-axis all-to-all):
 
-- Matrices of one (short side, long side, dtype, scale) form a group, a stack
+- Matrices of one (short side, long side, dtype) form a group, a stack
   `(G, k, L)` (tall matrices are transposed, so a `(k, L)` and an `(L, k)`
   kernel share a group). The stack is sharded along G over every mesh axis
   (padded with zero matrices to a multiple of D) and each device runs a plain
@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from muon_optax import _coeffs
+from muon_optax import _grouping
 from muon_optax import _newton_schulz
 
 Mesh = jax.sharding.Mesh | jax.sharding.AbstractMesh
@@ -78,7 +79,7 @@ def resolve_mesh(mesh: Mesh | None) -> Mesh | None:
   return mesh
 
 
-def validate_mesh(mesh: Any) -> None:
+def check_mesh(mesh: Any) -> None:
   if mesh is not None and not isinstance(
     mesh, (jax.sharding.Mesh, jax.sharding.AbstractMesh)
   ):
@@ -88,78 +89,37 @@ def validate_mesh(mesh: Any) -> None:
     )
 
 
-def _dtypes(dtype, compute_dtype):
-  """(accumulation dtype, operand dtype, precision) as in `newton_schulz`."""
-  acc = jnp.float64 if dtype == jnp.float64 else jnp.float32
-  if compute_dtype is None:
-    compute_dtype = _newton_schulz.default_compute_dtype()
-  operand = acc if compute_dtype is None else compute_dtype
-  precision = (
-    lax.Precision.HIGHEST
-    if jnp.dtype(operand).itemsize >= 4
-    else lax.Precision.DEFAULT
-  )
-  return acc, operand, precision
+class ShardedProducts(_newton_schulz.LocalProducts):
+  """Products of a wide `(r, k, L/D)` shard whose long side is split.
 
-
-def _matmul_sharded_ns(
-  x: jax.Array,
-  *,
-  axes: tuple[str, ...],
-  num_devices: int,
-  plan: _coeffs.NewtonSchulzPlan,
-  eps: float,
-  compute_dtype: np.dtype | None,
-  scale: float,
-) -> jax.Array:
-  """Newton–Schulz of a wide `(r, k, L/D)` shard; runs inside `shard_map`.
-
-  Same steps as `newton_schulz` (`X <- (a I + b A + c A^2) X`, `A = X Xᵀ`),
-  with the long side L split: `A` is a sum of per-device partial products
-  (all-reduce), each device squares its k/D rows of `A`, and the polynomial's
-  rows are all-gathered for the last product.
+  Runs inside `shard_map`. `A = X Xᴴ` is a sum of per-device partial
+  products (an all-reduce); each device squares its `k/D` rows of `A`, and
+  the polynomial's rows are all-gathered for the last product. Each device
+  does 1/D of every product, for two `k x k` collectives per step.
   """
-  _, k, _ = x.shape
-  rows = k // num_devices
-  out_dtype = x.dtype
-  acc, operand, precision = _dtypes(x.dtype, compute_dtype)
 
-  def dot(a, b, contract):
-    return lax.dot_general(
-      a.astype(operand),
-      b.astype(operand),
-      (contract, ((0,), (0,))),
-      precision=precision,
-      preferred_element_type=acc,
-    )
+  def __init__(self, shape, dtype, compute_dtype, *, axes, num_devices):
+    super().__init__(shape, dtype, compute_dtype)
+    self.tall = False  # stacks are wide; a shard's long side may be short
+    self.k = shape[-2]
+    self.axes = axes
+    self.rows = self.k // num_devices
 
-  x = x.astype(acc)
-  sq = lax.psum(jnp.sum(jnp.square(x), axis=(1, 2), keepdims=True), axes)
-  x = x / (plan.norm_scale * jnp.sqrt(sq) + eps)
-  start = lax.axis_index(axes) * rows
-  eye_rows = (
-    lax.broadcasted_iota(jnp.int32, (rows, k), 0) + start
-    == lax.broadcasted_iota(jnp.int32, (rows, k), 1)
-  ).astype(acc)
-  for i, (a, b, c) in enumerate(plan.steps):
-    if i == len(plan.steps) - 1:
-      a, b, c = a * scale, b * scale, c * scale
-    gram = lax.psum(dot(x, x, ((2,), (2,))), axes)  # (r, k, k)
-    gram_rows = lax.dynamic_slice_in_dim(gram, start, rows, axis=1)
-    gram2_rows = dot(gram_rows, gram, ((2,), (1,)))
-    poly_rows = b * gram_rows + c * gram2_rows + a * eye_rows
-    poly = lax.all_gather(poly_rows, axes, axis=1, tiled=True)
-    x = dot(poly, x, ((2,), (1,)))
-  return x.astype(out_dtype)
+  def sq_norm(self, x):
+    return lax.psum(super().sq_norm(x), self.axes)
 
+  def gram(self, x):
+    return lax.psum(super().gram(x), self.axes)
 
-def _local_ns(ns: Callable, strategy: str) -> Callable:
-  """Newton–Schulz of a device's `(b, k, L)` slice, per `group_strategy`."""
-  if strategy == 'stack':
-    return ns
-  if strategy == 'map':
-    return lambda x: lax.map(ns, x)
-  return lambda x: jnp.stack([ns(x[i]) for i in range(x.shape[0])])
+  def poly(self, gram, a, b, c):
+    start = lax.axis_index(self.axes) * self.rows
+    eye_rows = (
+      lax.broadcasted_iota(jnp.int32, (self.rows, self.k), 0) + start
+      == lax.broadcasted_iota(jnp.int32, (self.rows, self.k), 1)
+    ).astype(gram.dtype)
+    gram_rows = lax.dynamic_slice_in_dim(gram, start, self.rows, axis=1)
+    poly_rows = b * gram_rows + c * self.matmul(gram_rows, gram) + a * eye_rows
+    return lax.all_gather(poly_rows, self.axes, axis=1, tiled=True)
 
 
 def _pad_to(x: jax.Array, axis: int, multiple: int) -> jax.Array:
@@ -171,42 +131,38 @@ def _pad_to(x: jax.Array, axis: int, multiple: int) -> jax.Array:
   return jnp.pad(x, widths)
 
 
-def orthogonalize_groups(
-  mats: Sequence[jax.Array],
-  scales: Sequence[float],
-  *,
+def mesh_group_runner(
   mesh: Mesh,
+  *,
   plan: _coeffs.NewtonSchulzPlan,
-  eps: float,
+  preconditioning: str,
+  eps: jax.typing.ArrayLike,
   compute_dtype: np.dtype | None,
-  strategy: str,
-) -> list[jax.Array]:
-  """Orthogonalizes `(B, m, n)` arrays, the work split over `mesh`.
+  local_ns: Callable[[jax.Array], jax.Array],
+) -> _grouping.RunGroup:
+  """How one group runs on `mesh`: its stack split over the devices.
 
-  A drop-in for the single-device grouping of `scale_by_muon`; the ambient
-  mesh, when there is one, wins over `mesh` (inside `auto_axes` it is the
-  same mesh with its axes made auto).
+  `local_ns` orthogonalizes a device's `(b, k, L)` slice. The ambient mesh,
+  when there is one, wins over `mesh` (inside `auto_axes` it is the same
+  mesh with its axes made auto).
   """
   current = jax.sharding.get_abstract_mesh()
   mesh = mesh if current.empty else current
   axes = _work_axes(mesh)
   num_devices = math.prod(mesh.shape[a] for a in axes)
-  groups: dict[tuple, list[int]] = {}
-  for i, (x, s) in enumerate(zip(mats, scales, strict=True)):
-    m, n = x.shape[1:]
-    groups.setdefault((min(m, n), max(m, n), x.dtype, s), []).append(i)
 
-  out: list[Any] = [None] * len(mats)
-  for (k, big, _, s), members in groups.items():
-    ns = lambda x, s=s: _newton_schulz.newton_schulz(
-      x, plan=plan, eps=eps, compute_dtype=compute_dtype, scale=s
+  def sharded_ns(x):
+    products = ShardedProducts(
+      x.shape, x.dtype, compute_dtype, axes=axes, num_devices=num_devices
     )
-    wide = [
-      mats[i] if mats[i].shape[1] == k else jnp.swapaxes(mats[i], 1, 2)
-      for i in members
-    ]
-    stack = jnp.concatenate(wide, axis=0) if len(wide) > 1 else wide[0]
-    total = stack.shape[0]
+    out = _newton_schulz.iterate(
+      x, products, plan=plan, preconditioning=preconditioning, eps=eps
+    )
+    return out.astype(x.dtype)
+
+  def run(mats):
+    stack = _grouping.stack_wide(mats)
+    total, k, big = stack.shape
     whole, left = divmod(total, num_devices)
     split_matmuls = (
       left > 0
@@ -219,40 +175,20 @@ def orthogonalize_groups(
       spec = P(axes, None, None)
       part = _pad_to(stack[:batched], 0, num_devices)
       part = jax.shard_map(
-        _local_ns(ns, strategy),
-        mesh=mesh,
-        in_specs=spec,
-        out_specs=spec,
-        check_vma=False,
+        local_ns, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False
       )(part)
       parts.append(part[:batched])
     if split_matmuls:
       spec = P(None, None, axes)
       part = _pad_to(_pad_to(stack[batched:], 1, num_devices), 2, num_devices)
       part = jax.shard_map(
-        lambda x, s=s: _matmul_sharded_ns(
-          x,
-          axes=axes,
-          num_devices=num_devices,
-          plan=plan,
-          eps=eps,
-          compute_dtype=compute_dtype,
-          scale=s,
-        ),
-        mesh=mesh,
-        in_specs=spec,
-        out_specs=spec,
-        check_vma=False,
+        sharded_ns, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False
       )(part)
       parts.append(part[:, :k, :big])
     result = jnp.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
-    offset = 0
-    for i in members:
-      b, m, _ = mats[i].shape
-      o = result[offset : offset + b]
-      out[i] = o if m == k else jnp.swapaxes(o, 1, 2)
-      offset += b
-  return out
+    return _grouping.split_wide(result, mats)
+
+  return run
 
 
 def restore_shardings(
@@ -267,7 +203,27 @@ def restore_shardings(
   return [shard_alike(r, y)[1] for r, y in zip(refs, ys, strict=True)]
 
 
-def with_auto_axes(update_fn: Callable, mesh: Mesh | None) -> Callable:
+def params_mesh(tree: Any) -> jax.sharding.Mesh | None:
+  """The mesh of the first leaf laid out over several devices, if any.
+
+  Only concrete arrays say where they live (a traced one does not), so this
+  sees the parameters a user `device_put` with a `NamedSharding`.
+  """
+  for x in jax.tree.leaves(tree):
+    if isinstance(x, jax.core.Tracer) or not isinstance(x, jax.Array):
+      continue
+    sharding = x.sharding
+    if (
+      isinstance(sharding, jax.sharding.NamedSharding)
+      and len(sharding.device_set) > 1
+    ):
+      return sharding.mesh
+  return None
+
+
+def with_auto_axes(
+  update_fn: Callable, get_mesh: Callable[[], Mesh | None]
+) -> Callable:
   """Runs `update_fn(updates, state, params)` with the mesh axes auto.
 
   Under explicit mesh axes (`jax.make_mesh`'s default) every array carries
@@ -278,7 +234,7 @@ def with_auto_axes(update_fn: Callable, mesh: Mesh | None) -> Callable:
   """
 
   def wrapped(updates, state, params=None):
-    resolved = resolve_mesh(mesh)
+    resolved = resolve_mesh(get_mesh())
     if resolved is None:
       return update_fn(updates, state, params)
     current = jax.sharding.get_abstract_mesh()

@@ -1,228 +1,114 @@
-"""Default routing: which parameters get Muon, and through which matrix view.
+"""Routing: which parameters get Muon, and through which matrix view.
 
-Two sources of truth, in order of reliability:
+Sources of truth, in order of reliability:
 
-1. A Flax NNX module: the layer type says what a kernel is (a `Conv` kernel is
-   `(*spatial, in, out)`, a `LinearGeneral` kernel knows its input and output
-   axes, an `Embed` table is no matrix to orthogonalize), and the attribute
-   name says whether a layer is the output head.
-2. A plain tree (Linen params, dicts, an NNX State): the shape and the path
-   names only, with Linen's default module names.
+1. The model's computation (`muon_optax.trace_routing`): a `Routing`.
+2. A model object: a Flax NNX module's layer types say what a kernel is.
+3. A plain tree (Linen params, dicts, an NNX State, PyTorch-style state
+   dicts): the shape and the path names only (`muon_optax._rules`).
 
-Either way, user `overrides` (fnmatch patterns on the path) come first.
+User `overrides` (fnmatch patterns on the path) come first. This module
+decides; it never computes an update.
 """
 
-from collections.abc import Iterable
+from collections.abc import Callable
 from collections.abc import Mapping
 from collections.abc import Sequence
-import fnmatch
-import re
+import dataclasses
+import importlib
+import math
+import sys
 from typing import Any
+from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from muon_optax import _paths
+from muon_optax import _rules
 from muon_optax import _views
+from muon_optax._rules import ADAM
+from muon_optax._rules import EMBED_NAMES
+from muon_optax._rules import HEAD_NAMES
+from muon_optax._rules import LABELS
+from muon_optax._rules import MAX_ASPECT
+from muon_optax._rules import MIN_SIDE
+from muon_optax._rules import MUON
+from muon_optax._rules import Rule
 from muon_optax._views import MatrixView
 
-MUON = 'muon'
-ADAM = 'adam'
-LABELS = (MUON, ADAM)
 
-#: Path components (fnmatch, case-insensitive) that mark the output head.
-HEAD_NAMES: tuple[str, ...] = (
-  'head',
-  'lm_head',
-  '*_head',
-  'classifier',
-  'logits',
-  'output_layer',
-)
-#: Path components (fnmatch, case-insensitive) that mark an embedding table.
-EMBED_NAMES: tuple[str, ...] = ('*embed*', 'wte', 'wpe')
-#: timm's rule for matrices too thin for Muon (pytorch-image-models #2580).
-MIN_SIDE = 4
-MAX_ASPECT = 128
+@dataclasses.dataclass(frozen=True)
+class Routing:
+  """Labels, matrix views and the reasons for both, one of each per leaf.
 
-_ATTN_IN = ('query', 'key', 'value')
-# Flax's names for per-feature parameters, which may be 2-D (a LinearGeneral
-# bias is (heads, head_dim)) but are never weight matrices.
-_NON_KERNEL_NAMES = ('bias', 'scale')
+  Each field is a tree with the params' structure: `labels` holds `'muon'`
+  or `'adam'`, `views` a `MatrixView` (None where there is no matrix) and
+  `reasons` a sentence. `muon(lr, param_labels=routing)` takes labels and
+  views together; `describe(routing)` prints it. A `Routing` is one opaque
+  value to JAX and optax (not a pytree), so `optax.inject_hyperparams` keeps
+  it static.
+  """
 
+  labels: Any
+  views: Any
+  reasons: Any
 
-def _matches(component: str, names: Iterable[str]) -> bool:
-  c = component.lower()
-  return any(fnmatch.fnmatchcase(c, n.lower()) for n in names)
+  def rules(self) -> dict[str, Rule]:
+    """`{path: Rule(label, view, why)}` in the params' leaf order."""
+    labels = _paths.leaves_with_paths(self.labels)
+    views = dict(
+      _paths.leaves_with_paths(self.views, is_leaf=_views.is_view_leaf)
+    )
+    reasons = dict(_paths.leaves_with_paths(self.reasons))
+    return {p: Rule(lab, views.get(p), reasons.get(p, '')) for p, lab in labels}
 
-
-def is_degenerate(
-  matrix_shape: tuple[int, int],
-  *,
-  min_side: int = MIN_SIDE,
-  max_aspect: float = MAX_ASPECT,
-) -> bool:
-  """A matrix so thin that its polar factor is no useful update direction."""
-  m, n = matrix_shape
-  lo, hi = min(m, n), max(m, n)
-  return lo < min_side or hi / lo > max_aspect
+  def __repr__(self) -> str:
+    counts = {}
+    for rule in self.rules().values():
+      counts[rule.label] = counts.get(rule.label, 0) + 1
+    summary = ', '.join(f'{k}: {v}' for k, v in sorted(counts.items()))
+    return f'Routing({summary})'
 
 
-def _shape_view(path: str, shape: tuple[int, ...]) -> MatrixView | None:
-  """The view a plain-tree leaf gets from its shape and Linen-style name."""
-  ndim = len(shape)
-  if ndim < 2:
+# Model libraries are optional: an object can only be one of theirs once the
+# user has imported the library, so nothing is imported before that.
+
+
+def _nnx() -> Any:
+  """The NNX integration when flax is loaded, else None."""
+  if 'flax.nnx' not in sys.modules:
     return None
-  if ndim == 2:
-    return MatrixView.dense()
-  parts = path.split('/')
-  owner = parts[-2] if len(parts) >= 2 else ''
-  if ndim == 3 and owner in _ATTN_IN:
-    return MatrixView.general(1, 2)  # (d, heads, head_dim)
-  if ndim == 3 and owner == 'out':
-    return MatrixView.general(2, 1)  # (heads, head_dim, d)
-  if ndim == 3 and re.fullmatch(r'DenseGeneral_\d+', owner):
-    return MatrixView.general(1, 2)  # DenseGeneral's default axis=-1
-  # Convolution kernels (*spatial, in, out), Linen's and most others' layout.
-  return MatrixView.conv(ndim - 2)
+  return importlib.import_module('muon_optax._nnx')
 
 
-def _plain_rules(
-  params: Any,
-  *,
-  stacked: Sequence[str],
-  head_names: Sequence[str],
-  embed_names: Sequence[str],
-) -> dict[str, tuple[str, MatrixView | None, str]]:
-  rules = {}
-  for path, leaf in _paths.leaves_with_paths(params):
-    shape = tuple(np.shape(leaf))
-    lead = 1 if _paths.match_pattern(dict.fromkeys(stacked), path) else 0
-    view = _shape_view(path, shape[lead:])
-    rules[path] = _name_rules(path, shape, view, head_names, embed_names)
-  return rules
+def is_nnx_module(x: Any) -> bool:
+  nnx = _nnx()
+  return nnx is not None and nnx.is_module(x)
 
 
-def _name_rules(path, shape, view, head_names, embed_names):
-  parts = path.split('/')
-  if view is None:
-    return ADAM, None, 'not a matrix'
-  if parts[-1] in _NON_KERNEL_NAMES:
-    return ADAM, None, parts[-1]
-  if any(_matches(p, embed_names) for p in parts):
-    return ADAM, view, 'embedding'
-  if any(_matches(p, head_names) for p in parts[:-1]):
-    return ADAM, view, 'output head'
-  return MUON, view, 'matrix'
+def is_eqx_module(x: Any) -> bool:
+  eqx = sys.modules.get('equinox')
+  return eqx is not None and isinstance(x, eqx.Module)
 
 
-def _einsum_view(einsum_str: str, ndim: int) -> MatrixView | None:
-  spec = einsum_str.replace(' ', '')
-  if '...' in spec or '->' not in spec:
-    return None
-  inputs, out = spec.split('->')
-  operands = inputs.split(',')
-  if len(operands) != 2 or len(operands[1]) != ndim:
-    return None
-  lhs, kernel = operands
-  red = [i - ndim for i, c in enumerate(kernel) if c not in out]
-  outs = [i - ndim for i, c in enumerate(kernel) if c in out and c not in lhs]
-  if not red or not outs:
-    return None
-  return MatrixView(tuple(red), tuple(outs))
+def is_tree_builder(x: Any) -> bool:
+  """A function from params to a tree, not a tree that happens to be callable.
 
-
-def _module_view(module: Any, name: str, shape: tuple[int, ...]):
-  """(view, why) for a param of a known NNX layer, or None if unknown."""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-
-  known = (
-    nnx.Conv,
-    nnx.ConvTranspose,
-    nnx.Embed,
-    nnx.Linear,
-    nnx.LinearGeneral,
-    nnx.Einsum,
+  NNX and Equinox modules are callable pytrees: they are trees here.
+  """
+  return (
+    callable(x)
+    and not isinstance(x, Routing)
+    and not is_nnx_module(x)
+    and not is_eqx_module(x)
   )
-  if not isinstance(module, known):
-    return None
-  if name != 'kernel' and not isinstance(module, nnx.Embed):
-    return None, ADAM, name
-  if isinstance(module, (nnx.Conv, nnx.ConvTranspose)):
-    num_spatial = len(module.kernel_size)
-    if isinstance(module, nnx.ConvTranspose) and module.transpose_kernel:
-      view = MatrixView(tuple(range(-num_spatial - 2, -2)) + (-1,), (-2,))
-    else:
-      view = MatrixView.conv(num_spatial)
-    groups = getattr(module, 'feature_group_count', 1) or 1
-    if groups > 1 and module.in_features // groups == 1:
-      return view, ADAM, 'depthwise conv'
-    return view, MUON, 'conv'
-  if isinstance(module, nnx.Embed):
-    return None, ADAM, 'embedding'
-  if isinstance(module, nnx.LinearGeneral):
-    view = MatrixView.general(len(module.in_features), len(module.out_features))
-    return view, MUON, 'linear'
-  if isinstance(module, nnx.Linear):
-    return MatrixView.dense(), MUON, 'linear'
-  if isinstance(module, nnx.Einsum):
-    view = _einsum_view(module.einsum_str, len(module.kernel_shape))
-    return (view, MUON, 'einsum') if view else None
-  return None
 
 
-def _module_rules(
-  module: Any,
-  *,
-  head_names: Sequence[str],
-  embed_names: Sequence[str],
-) -> dict[str, tuple[str, MatrixView | None, str]]:
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-
-  state = nnx.state(module, nnx.Param)
-  rules = _plain_rules(
-    state, stacked=(), head_names=head_names, embed_names=embed_names
-  )
-  for mpath, sub in nnx.iter_graph(module):
-    if not isinstance(sub, nnx.Module):
-      continue
-    prefix = '/'.join(str(p) for p in mpath)
-    is_head = bool(mpath) and _matches(str(mpath[-1]), head_names)
-    for name, var in vars(sub).items():
-      if not isinstance(var, nnx.Param):
-        continue
-      path = f'{prefix}/{name}' if prefix else name
-      if path not in rules:
-        continue
-      shape = tuple(np.shape(var.get_value()))
-      found = _module_view(sub, name, shape)
-      if found is None:
-        continue  # keep the plain-tree rule
-      view, label, why = found
-      if view is not None:
-        try:
-          view.resolve(shape)
-        except ValueError:
-          continue
-      if label == MUON and is_head:
-        label, why = ADAM, 'output head'
-      rules[path] = (label, view, f'{why} ({type(sub).__name__})')
-  return rules
-
-
-def _is_module(x: Any) -> bool:
-  try:
-    from flax import nnx  # pylint: disable=g-import-not-at-top
-  except ImportError:  # pragma: no cover
-    return False
-  return isinstance(x, nnx.Module)
-
-
-def _params_tree(params_or_module: Any) -> Any:
-  if _is_module(params_or_module):
-    from flax import nnx  # pylint: disable=g-import-not-at-top
-
-    return nnx.state(params_or_module, nnx.Param)
+def params_tree(params_or_module: Any) -> Any:
+  if is_nnx_module(params_or_module):
+    return _nnx().params(params_or_module)
   return params_or_module
 
 
@@ -236,8 +122,8 @@ def route(
   embed_names: Sequence[str] = EMBED_NAMES,
   min_side: int = MIN_SIDE,
   max_aspect: float = MAX_ASPECT,
-) -> dict[str, tuple[str, MatrixView | None, str]]:
-  """{path: (label, view, reason)} for every array leaf; see `param_labels`."""
+) -> dict[str, Rule]:
+  """`{path: Rule}` for every array leaf; see `param_labels`."""
   if isinstance(stacked, str):
     stacked = (stacked,)
   for pattern, label in (overrides or {}).items():
@@ -257,26 +143,26 @@ def route(
     raise ValueError(f'`min_side` must be at least 1, got {min_side=}.')
   if not max_aspect >= 1:
     raise ValueError(f'`max_aspect` must be at least 1, got {max_aspect=}.')
-  if _is_module(params_or_module):
+  if is_nnx_module(params_or_module):
     if stacked:
       raise ValueError(
         '`stacked` is for plain trees; an NNX module shows stacked layers by '
         'their shapes (the leading axes a layer does not own are a batch).'
       )
-    rules = _module_rules(
+    rules = _nnx().module_rules(
       params_or_module, head_names=head_names, embed_names=embed_names
     )
   else:
-    rules = _plain_rules(
+    rules = _rules.plain_rules(
       params_or_module,
       stacked=stacked,
       head_names=head_names,
       embed_names=embed_names,
     )
-  tree = _params_tree(params_or_module)
+  tree = params_tree(params_or_module)
   shapes = {p: tuple(np.shape(x)) for p, x in _paths.leaves_with_paths(tree)}
   for path, (label, view, why) in rules.items():
-    hit = _paths.match_pattern(view_overrides or {}, path)
+    hit = _paths.match_pattern(view_overrides, path)
     if hit is not None:
       view, why = hit[1], f'view override {hit[0]!r}'
     if label == MUON and view is not None:
@@ -284,26 +170,42 @@ def route(
         resolved = view.resolve(shapes[path])
       except ValueError as e:
         raise ValueError(f'Parameter {path!r}: {e}') from None
-      if is_degenerate(
+      if _rules.is_degenerate(
         resolved.matrix_shape, min_side=min_side, max_aspect=max_aspect
       ):
         label, why = ADAM, f'degenerate {resolved.describe()}'
     hit = _paths.match_pattern(overrides or {}, path)
     if hit is not None:
       label, why = hit[1], f'override {hit[0]!r}'
-    rules[path] = (label, view, why)
+    rules[path] = Rule(label, view, why)
+  unmatched = [
+    pattern
+    for pattern in [*(overrides or {}), *view_overrides]
+    if not any(_paths.match_pattern({pattern: None}, p) for p in rules)
+  ]
+  if unmatched:
+    raise ValueError(
+      f'The override patterns {unmatched} match no parameter; the paths are '
+      f'{sorted(rules)[:20]}{" ..." if len(rules) > 20 else ""}.'
+    )
   return rules
 
 
 def _tree_like(params_or_module: Any, values: Mapping[str, Any]) -> Any:
-  tree = _params_tree(params_or_module)
-  is_var = None
-  if _is_module(params_or_module):
-    from flax import nnx  # pylint: disable=g-import-not-at-top
-
-    is_var = lambda x: isinstance(x, nnx.Variable)
+  tree = params_tree(params_or_module)
+  is_var = _nnx().is_variable if is_nnx_module(params_or_module) else None
   return jax.tree_util.tree_map_with_path(
     lambda kp, _: values[_paths.path_str(kp)], tree, is_leaf=is_var
+  )
+
+
+def routing(params_or_module: Any, **kwargs: Any) -> Routing:
+  """The rule-based routing (`param_labels`'s rules) as a `Routing`."""
+  rules = route(params_or_module, **kwargs)
+  return Routing(
+    labels=_tree_like(params_or_module, {p: r.label for p, r in rules.items()}),
+    views=_tree_like(params_or_module, {p: r.view for p, r in rules.items()}),
+    reasons=_tree_like(params_or_module, {p: r.why for p, r in rules.items()}),
   )
 
 
@@ -376,7 +278,7 @@ def param_labels(
     min_side=min_side,
     max_aspect=max_aspect,
   )
-  return _tree_like(params_or_module, {p: r[0] for p, r in rules.items()})
+  return _tree_like(params_or_module, {p: r.label for p, r in rules.items()})
 
 
 def matrix_views(
@@ -401,4 +303,202 @@ def matrix_views(
   Leaves with fewer than two axes get None.
   """
   rules = route(params_or_module, view_overrides=overrides, stacked=stacked)
-  return _tree_like(params_or_module, {p: r[1] for p, r in rules.items()})
+  return _tree_like(params_or_module, {p: r.view for p, r in rules.items()})
+
+
+ParamLabels = Any
+
+
+def label_fn(param_labels: ParamLabels) -> Callable[[Any], Any]:
+  """A function from any params tree to its label tree, matched by path."""
+  if is_nnx_module(param_labels):
+    param_labels = routing(param_labels)
+  if isinstance(param_labels, Routing):
+    param_labels = param_labels.labels
+
+  def labels_for(params):
+    if param_labels is None:
+      rules = route(params)
+      return _paths.map_with_paths(lambda p, _: rules[p].label, params)
+    given = (
+      param_labels(params) if is_tree_builder(param_labels) else param_labels
+    )
+    lookup = _paths.PathLookup(given)
+
+    def label(path, _):
+      value = lookup.get(path)
+      if value is None:
+        raise ValueError(
+          f'`param_labels` has no label for parameter {path!r}; the label '
+          'tree must have the structure of the params (or be a prefix of it).'
+        )
+      if value not in LABELS:
+        raise ValueError(
+          f'`param_labels` gives parameter {path!r} the label {value!r}; the '
+          f'labels are {list(LABELS)}.'
+        )
+      return value
+
+    labels = _paths.map_with_paths(label, params)
+    if lookup.unused():
+      raise ValueError(
+        '`param_labels` does not match the params: its entries '
+        f'{lookup.unused()} name no parameter.'
+      )
+    return labels
+
+  return labels_for
+
+
+MatrixViews = Any  # a view for all leaves, a (prefix) tree, a callable, ...
+
+
+def view_resolver(
+  matrix_views: MatrixViews, tree: Any
+) -> Callable[[str, tuple[int, ...]], MatrixView | None]:
+  """A function `path, shape -> MatrixView` (None: not a matrix)."""
+  if isinstance(matrix_views, Routing):
+    matrix_views = matrix_views.views
+  elif is_tree_builder(matrix_views) and not isinstance(
+    matrix_views, MatrixView
+  ):
+    matrix_views = matrix_views(tree)
+
+  def default(path, shape):
+    return _rules.shape_view(path, shape)[0] if len(shape) >= 2 else None
+
+  if matrix_views is None:
+    return default
+  if _views.is_view_leaf(matrix_views):
+    view = _views.as_matrix_view(matrix_views, '`matrix_views`')
+    return lambda path, shape: view
+  lookup = _paths.PathLookup(matrix_views, is_leaf=_views.is_view_leaf)
+
+  def resolve(path, shape):
+    view = lookup.get(path)
+    if view is None:
+      return default(path, shape)
+    return _views.as_matrix_view(view, f'`matrix_views` at {path!r}')
+
+  return resolve
+
+
+class BoundLeaf(NamedTuple):
+  """A Muon leaf: its index among the tree's leaves, path and bound view."""
+
+  index: int
+  path: str
+  view: _views.ResolvedView
+
+
+def bind_views(tree: Any, matrix_views: MatrixViews) -> list[BoundLeaf]:
+  """Binds every array leaf of `tree` to its matrix view, or raises."""
+  resolver = view_resolver(matrix_views, tree)
+  leaves = []
+  for i, (path, x) in enumerate(_paths.leaves_with_paths(tree)):
+    shape = tuple(np.shape(x))
+    dtype = getattr(x, 'dtype', None)
+    if dtype is not None and not jnp.issubdtype(dtype, jnp.inexact):
+      raise TypeError(
+        f'Parameter {path!r} has dtype {dtype}; Muon updates floating and '
+        'complex parameters only. Route it elsewhere with `param_labels`.'
+      )
+    view = resolver(path, shape)
+    if view is None:
+      raise ValueError(
+        f'Parameter {path!r} of shape {shape} reached Muon but is not a '
+        "matrix (Muon needs at least 2 axes). Label it 'adam' with "
+        '`param_labels`, or give it a `matrix_views` entry.'
+      )
+    try:
+      resolved = view.resolve(shape)
+    except ValueError as e:
+      raise ValueError(f'Parameter {path!r}: {e}') from None
+    leaves.append(BoundLeaf(i, path, resolved))
+  return leaves
+
+
+def describe(
+  params_or_module: Any,
+  param_labels: Any = None,
+  *,
+  matrix_views: Any = None,
+  consistent_rms: float | None = 0.2,
+) -> str:
+  """A table of every parameter: path, shape, label, matrix view, scale, why.
+
+  Args:
+    params_or_module: a params tree, a Flax NNX module, or a `Routing`
+      (`trace_routing`'s result; it then also gives the labels and views).
+    param_labels: as in `muon`: None (the default rules), a label tree, a
+      callable, an NNX module or a `Routing`. With a module as first
+      argument and None here, the module's rules are used.
+    matrix_views: as in `muon`.
+    consistent_rms: `muon`'s, for the scale column.
+
+  Returns:
+    The table as text, one row per leaf, then a count per label. The `why`
+    column is the deciding rule; where given labels overrule it, it says so,
+    and a layout the rules had to guess is marked `guessed`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import muon_optax
+    >>> params = {'conv': {'kernel': jnp.zeros((3, 3, 16, 32))},
+    ...           'head': {'kernel': jnp.zeros((32, 10))}}
+    >>> print(muon_optax.describe(params))
+    path         shape           label  matrix view  scale  why
+    conv/kernel  (3, 3, 16, 32)  muon   144x32       2.400  conv (*spatial, in, out)
+    head/kernel  (32, 10)        adam   -            -      output head
+    muon: 1 leaves, 4,608 params; adam: 1 leaves, 320 params
+  """
+  if isinstance(params_or_module, Routing):
+    given = params_or_module
+    params = params_or_module.labels
+    rules = given.rules()
+    param_labels = param_labels if param_labels is not None else given
+    matrix_views = matrix_views if matrix_views is not None else given
+  else:
+    params = params_tree(params_or_module)
+    if param_labels is None and is_nnx_module(params_or_module):
+      param_labels = params_or_module
+    source = param_labels if is_nnx_module(param_labels) else params_or_module
+    if isinstance(param_labels, Routing):
+      rules = param_labels.rules()
+    else:
+      rules = route(source)
+    if matrix_views is None and isinstance(param_labels, Routing):
+      matrix_views = param_labels
+    elif matrix_views is None and is_nnx_module(source):
+      matrix_views = routing(source)
+  labels = dict(_paths.leaves_with_paths(label_fn(param_labels)(params)))
+  resolver = view_resolver(matrix_views, params)
+  rows = [('path', 'shape', 'label', 'matrix view', 'scale', 'why')]
+  totals: dict[str, list[int]] = {}
+  for path, x in _paths.leaves_with_paths(params):
+    shape = tuple(np.shape(x))
+    label = labels[path]
+    view_txt, scale_txt = '-', '-'
+    if label == MUON:
+      resolved = resolver(path, shape).resolve(shape)
+      view_txt = resolved.describe()
+      scale = _views.shape_scale(*resolved.matrix_shape, consistent_rms)
+      scale_txt = f'{scale:.3f}'
+    rule = rules.get(path)
+    why = rule.why if rule is not None else 'param_labels'
+    if rule is not None and rule.label != label:
+      why = f'param_labels (rule: {rule.label}, {rule.why})'
+    rows.append((path, str(shape), label, view_txt, scale_txt, why))
+    count = totals.setdefault(label, [0, 0])
+    count[0] += 1
+    count[1] += math.prod(shape)
+  widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+  lines = [
+    '  '.join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+    for r in rows
+  ]
+  summary = '; '.join(
+    f'{label}: {n} leaves, {size:,} params'
+    for label, (n, size) in sorted(totals.items(), reverse=True)
+  )
+  return '\n'.join(lines + [summary])

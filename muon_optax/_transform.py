@@ -1,36 +1,30 @@
-"""`scale_by_muon`: momentum, then Newton–Schulz on each matrix view."""
+"""`scale_by_muon` (momentum, then Newton–Schulz) and `scale_by_shape`."""
 
-from collections.abc import Callable
-import functools
 from typing import Any
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
+from muon_optax import _checks
 from muon_optax import _coeffs
-from muon_optax import _diagnostics
 from muon_optax import _distributed
+from muon_optax import _grouping
+from muon_optax import _metrics
 from muon_optax import _newton_schulz
 from muon_optax import _paths
 from muon_optax import _routing
 from muon_optax import _views
-from muon_optax._views import MatrixView
-
-MatrixViews = (
-  None | MatrixView | Any | Callable[[optax.Params], Any]
-)  # a view for all leaves, a (prefix) tree of views, or a callable to one
 
 GROUP_STRATEGIES = ('auto', 'stack', 'unroll', 'map')
 
 
 class MuonState(NamedTuple):
-  """State of `scale_by_muon`."""
+  """State of `scale_by_muon`; `count` and `mu` as in optax.contrib's."""
 
   count: jax.Array  # shape=(), dtype=int32
-  momentum: optax.Updates
+  mu: optax.Updates
   # {path: {metric: scalar}} with `diagnostics=True`, else None (no leaves).
   diagnostics: dict[str, dict[str, jax.Array]] | None = None
 
@@ -39,26 +33,23 @@ def default_group_strategy(backend: str | None = None) -> str:
   """How a group of same-shape matrices runs when `group_strategy='auto'`.
 
   Accelerators gain from one batched call per group (fewer, larger kernels;
-  modded-nanogpt and microsoft/dion batch by shape). On CPU (XLA:CPU, 2
-  idle cores) one batched Newton–Schulz is slower than plain per-matrix dots,
-  and one plain call per matrix lets XLA run independent matrices on
-  different cores: on the 12-layer d384 GPT-like tree the full update took
-  1042 ms unrolled, 1221 ms as a `lax.map` per group and 1445 ms stacked; on
-  the ResNet-18-like tree 47, 51 and 48 ms (benchmarks/README.md). So a
-  group is unrolled there.
+  modded-nanogpt and microsoft/dion batch by shape): `'stack'`. On CPU one
+  batched Newton–Schulz is slower than plain per-matrix dots, and one plain
+  call per matrix lets XLA run independent matrices on different cores:
+  `'unroll'` (measurements in benchmarks/README.md).
   """
   backend = backend or jax.default_backend()
   return 'unroll' if backend == 'cpu' else 'stack'
 
 
-def _check_like_momentum(updates: Any, momentum: Any) -> None:
+def _check_like_momentum(updates: Any, mu: Any) -> None:
   """Raises, naming the path, when `updates` do not match the initial params.
 
   Gradients first appear at `update`; the check is on static shapes, so it
   runs once, when `update` is traced.
   """
   grads = _paths.leaves_with_paths(updates)
-  moms = jax.tree.leaves(momentum)
+  moms = jax.tree.leaves(mu)
   if len(grads) != len(moms):
     raise ValueError(
       f'scale_by_muon was initialized for {len(moms)} leaves, the updates '
@@ -74,137 +65,74 @@ def _check_like_momentum(updates: Any, momentum: Any) -> None:
       )
 
 
-class _Leaf(NamedTuple):
-  index: int
-  path: str
-  view: _views.ResolvedView
+def _stack_runner(ns, strategy: str):
+  """Newton–Schulz of one `(b, m, n)` stack, per `group_strategy`."""
+  if strategy == 'stack':
+    return ns
+  if strategy == 'map':
+    return lambda x: jax.lax.map(ns, x)
+  return lambda x: jnp.stack([ns(x[i]) for i in range(x.shape[0])])
 
 
-def _view_resolver(matrix_views: MatrixViews, tree: Any):
-  """A function path, shape -> MatrixView for the leaves of `tree`."""
-  if callable(matrix_views) and not isinstance(matrix_views, MatrixView):
-    matrix_views = matrix_views(tree)
-  if matrix_views is None:
-    return lambda path, shape: _routing._shape_view(path, shape)  # pylint: disable=protected-access
-  if _views.is_view_leaf(matrix_views):
-    view = _views.as_matrix_view(matrix_views, '`matrix_views`')
-    return lambda path, shape: view
-  lookup = _paths.PathLookup(matrix_views, is_leaf=_views.is_view_leaf)
+def _local_group_runner(ns, strategy: str) -> _grouping.RunGroup:
+  """How one group runs on one device, per `group_strategy`."""
+  run_stack = _stack_runner(ns, strategy)
 
-  def resolve(path, shape):
-    view = lookup.get(path)
-    if view is None:
-      return _routing._shape_view(path, shape)  # pylint: disable=protected-access
-    return _views.as_matrix_view(view, f'`matrix_views` at {path!r}')
-
-  return resolve
-
-
-def resolve_leaves(tree: Any, matrix_views: MatrixViews) -> list[_Leaf]:
-  """Binds every array leaf of `tree` to its matrix view, or raises."""
-  resolver = _view_resolver(matrix_views, tree)
-  leaves = []
-  for i, (path, x) in enumerate(_paths.leaves_with_paths(tree)):
-    shape = tuple(np.shape(x))
-    dtype = getattr(x, 'dtype', None)
-    if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
-      raise TypeError(
-        f'Parameter {path!r} has dtype {dtype}; Muon updates real floating '
-        'parameters only. Route it elsewhere with `param_labels`.'
-      )
-    view = resolver(path, shape)
-    if view is None:
-      raise ValueError(
-        f'Parameter {path!r} of shape {shape} reached Muon but is not a '
-        "matrix (Muon needs at least 2 axes). Label it 'adam' with "
-        '`param_labels`, or give it a `matrix_views` entry.'
-      )
-    try:
-      resolved = view.resolve(shape)
-    except ValueError as e:
-      raise ValueError(f'Parameter {path!r}: {e}') from None
-    leaves.append(_Leaf(i, path, resolved))
-  return leaves
-
-
-def _orthogonalize_groups(
-  mats: list[jax.Array],
-  scales: list[float],
-  *,
-  plan: _coeffs.NewtonSchulzPlan,
-  eps: float,
-  compute_dtype: np.dtype | None,
-  strategy: str,
-) -> list[jax.Array]:
-  """Orthogonalizes (B, m, n) arrays, grouped by (m, n, dtype, scale)."""
-  ns = lambda x, s: _newton_schulz.newton_schulz(
-    x, plan=plan, eps=eps, compute_dtype=compute_dtype, scale=s
-  )
-  groups: dict[tuple, list[int]] = {}
-  for i, (x, s) in enumerate(zip(mats, scales, strict=True)):
-    groups.setdefault((x.shape[1:], x.dtype, s), []).append(i)
-  out: list[Any] = [None] * len(mats)
-  for (_, _, s), members in groups.items():
+  def run(mats):
     if strategy == 'unroll':
-      for i in members:
-        x = mats[i]
-        if x.shape[0] == 1:
-          out[i] = ns(x[0], s)[None]
-        else:
-          out[i] = jnp.stack([ns(x[b], s) for b in range(x.shape[0])])
-      continue
-    stack = jnp.concatenate([mats[i] for i in members], axis=0)
+      # One plain call per matrix, in its own orientation: no transposes.
+      return [run_stack(x) for x in mats]
+    stack = _grouping.stack_wide(mats)
     if stack.shape[0] == 1:  # a lone matrix: plain dots, no batch, no loop
-      result = ns(stack[0], s)[None]
-    elif strategy == 'stack':
-      result = ns(stack, s)
-    else:  # 'map'
-      result = jax.lax.map(lambda m, s=s: ns(m, s), stack)
-    offsets = np.cumsum([0] + [mats[i].shape[0] for i in members])
-    for j, i in enumerate(members):
-      out[i] = result[offsets[j] : offsets[j + 1]]
-  return out
+      return _grouping.split_wide(ns(stack[0])[None], mats)
+    return _grouping.split_wide(run_stack(stack), mats)
+
+  return run
+
+
+def _adaptive_scale(o: jax.Array, u: jax.Array) -> jax.Array:
+  """`⟨U, O⟩ O` per matrix: O scaled by a nuclear-norm estimate of U."""
+  dual = jnp.sum(jnp.conj(u.astype(o.dtype)) * o, axis=(-2, -1), keepdims=True)
+  return dual * o
 
 
 def scale_by_muon(
-  *,
-  beta: jax.typing.ArrayLike = 0.95,
-  nesterov: bool = True,
   ns_coeffs: _coeffs.NsCoeffs = 'polar_express',
-  ns_steps: int = 5,
-  scaling: str = 'rms',
-  eps: float = _newton_schulz.DEFAULT_EPS,
+  ns_steps: int | None = None,
+  beta: jax.typing.ArrayLike = 0.95,
+  eps: jax.typing.ArrayLike = _newton_schulz.DEFAULT_EPS,
   mu_dtype: jax.typing.DTypeLike | None = None,
+  *,
+  nesterov: bool = True,
+  adaptive: bool = False,
+  preconditioning: str = 'frobenius',
+  bias_correction: bool = False,
   compute_dtype: jax.typing.DTypeLike | None = None,
-  matrix_views: MatrixViews = None,
+  matrix_views: _routing.MatrixViews = None,
   group_strategy: str = 'auto',
   diagnostics: bool = False,
   mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
 ) -> optax.GradientTransformation:
-  r"""Momentum, orthogonalized by Newton–Schulz, scaled by the matrix shape.
+  r"""Momentum, orthogonalized by Newton–Schulz on each matrix view.
 
-  For every leaf, with gradient :math:`G` and momentum :math:`M`
-  (KellerJordan/Muon's form; the EMA has no bias correction since the
-  orthogonalization discards the overall scale anyway):
+  For every leaf, with gradient :math:`G` and momentum :math:`M`:
 
   .. math::
     M &\leftarrow \beta M + (1 - \beta) G \\
     U &\leftarrow \beta M + (1 - \beta) G \quad
        (\text{Nesterov; } U = M \text{ otherwise}) \\
-    O &\leftarrow \mathrm{NS}(\mathrm{view}(U)) \cdot s(\text{fan\_in},
-       \text{fan\_out})
+    O &\leftarrow \mathrm{NS}(\mathrm{view}(U))
 
   where `view` turns the leaf into a matrix or a batch of matrices (see
-  `MatrixView`) and :math:`s` is the shape scaling, computed on that matrix:
+  `MatrixView`). Like optax.contrib's `scale_by_muon`, no shape scaling is
+  applied: chain `scale_by_shape` (as `muon` does).
 
-  - `'rms'` (default): :math:`0.2 \sqrt{\max(\text{fan\_in},
-    \text{fan\_out})}`, the update RMS of AdamW (Moonlight), so that AdamW's
-    learning rate and weight decay carry over, and `muon` can share one
-    learning rate between its Muon and Adam parts. This is why it is the
-    default here, while optax.contrib.muon defaults to `'jordan'`.
-  - `'jordan'`: :math:`\sqrt{\max(1, \text{fan\_out} / \text{fan\_in})}`
-    (KellerJordan/Muon; wants learning rates around 0.02).
-  - `'none'`.
+  The momentum is KellerJordan/Muon's, without bias correction. Without
+  Nesterov the correction is a scalar per step, which the normalization
+  before Newton–Schulz removes; with Nesterov it also changes the mix of
+  :math:`M` and :math:`G` in the first steps (about :math:`1/(1-\beta)`
+  of them). optax.contrib's `scale_by_muon` corrects: `bias_correction=True`
+  gives its updates exactly.
 
   Matrices of the same shape and dtype form a group; `group_strategy` says
   how a group runs: `'stack'` (one batched call), `'unroll'` (one call per
@@ -213,30 +141,39 @@ def scale_by_muon(
 
   On a mesh of several devices (`mesh`, or the ambient one of `jax.set_mesh`)
   the Newton–Schulz work is split: every device orthogonalizes a share of
-  each group (padded to a multiple of the device count) and large left-over
-  matrices are sharded inside the matmuls; updates and state keep the
-  parameters' shardings (see the README, "Multi-device and multi-host").
-  Without a mesh, or with one device, this is the single-device path.
+  each group and large left-over matrices are sharded inside the matmuls;
+  updates and state keep the parameters' shardings (see the README,
+  "Multi-device and multi-host"). With neither, the mesh of parameters
+  laid out with a `NamedSharding` when `init` saw them is used, so that
+  `jax.jit` of `update` on `device_put` parameters splits the work too.
 
   Every leaf this transformation receives must have a matrix view: use `muon`
   (or `optax.partition`) to send the others elsewhere.
 
   Args:
-    beta: momentum decay.
-    nesterov: use the Nesterov look-ahead.
     ns_coeffs: Newton–Schulz coefficients, see `orthogonalize`.
-    ns_steps: number of Newton–Schulz steps.
-    scaling: `'rms'`, `'jordan'` or `'none'`.
-    eps: added to the Frobenius norm before the first step.
+    ns_steps: number of Newton–Schulz steps, see `orthogonalize`.
+    beta: momentum decay.
+    eps: keeps the Newton–Schulz input scaling finite.
     mu_dtype: dtype of the momentum; None keeps the parameters' dtype.
+    nesterov: use the Nesterov look-ahead.
+    adaptive: multiply each orthogonalized matrix :math:`O` by
+      :math:`\langle U, O \rangle`, an estimate of the nuclear norm of
+      :math:`U` (PolarGrad; optax.contrib's `adaptive`, which takes the
+      inner product over the whole leaf: here it is per matrix of the view,
+      the same for a leaf that is one matrix).
+    preconditioning: `'frobenius'`, `'spectral'`, `'aol'` or `'schatten'`,
+      see `orthogonalize`.
+    bias_correction: Adam-style bias correction of the momentum (optax's
+      form; see above).
     compute_dtype: dtype of the matmul operands, see `orthogonalize`.
-    matrix_views: None (views from shapes and Linen names, see
-      `matrix_views`), one `MatrixView` for every leaf, a tree or prefix tree
-      of `MatrixView` / `optax.contrib.MuonDimensionNumbers` / None (default)
-      matched by path, or a callable from params to such a tree.
+    matrix_views: None (views from shapes and names, see `matrix_views`), one
+      `MatrixView` for every leaf, a tree or prefix tree of `MatrixView` /
+      `optax.contrib.MuonDimensionNumbers` / None (default) matched by path,
+      a callable from params to such a tree, or a `Routing`.
     group_strategy: `'auto'`, `'stack'`, `'unroll'` or `'map'`.
     diagnostics: record, per leaf and step, the orthogonality error of the
-      Newton–Schulz output, the momentum norm and the update RMS in
+      Newton–Schulz output, the momentum norm and the output's RMS in
       `MuonState.diagnostics` (read them with `muon_optax.diagnostics`). Off,
       nothing is computed and the field is None.
     mesh: the device mesh to split the Newton–Schulz work over; None uses the
@@ -256,86 +193,163 @@ def scale_by_muon(
     (4, 8)
   """
   plan = _coeffs.resolve_ns_coeffs(ns_coeffs, ns_steps)
-  if scaling not in _views.SCALINGS:
-    raise ValueError(
-      f'Unknown `scaling` {scaling!r}; allowed: {list(_views.SCALINGS)}.'
-    )
-  if group_strategy not in GROUP_STRATEGIES:
-    raise ValueError(
-      f'Unknown `group_strategy` {group_strategy!r}; allowed: '
-      f'{list(GROUP_STRATEGIES)}.'
-    )
-  if isinstance(beta, (int, float)) and not 0.0 <= beta <= 1.0:
-    raise ValueError(f'`beta` must be in [0, 1], got {beta=}.')
-  compute_dtype = _newton_schulz.canonical_float_dtype(compute_dtype)
-  mu_dtype = _newton_schulz.canonical_float_dtype(mu_dtype, 'mu_dtype')
-  eps = _coeffs.check_eps(eps)
-  _distributed.validate_mesh(mesh)
+  _checks.check_choice(group_strategy, 'group_strategy', GROUP_STRATEGIES)
+  _checks.check_choice(
+    preconditioning, 'preconditioning', _newton_schulz.PRECONDITIONINGS
+  )
+  _checks.check_scalar(beta, 'beta', low=0.0, high=1.0)
+  _checks.check_eps(eps)
+  compute_dtype = _checks.float_dtype(compute_dtype, 'compute_dtype')
+  mu_dtype = _checks.float_dtype(mu_dtype, 'mu_dtype')
+  _distributed.check_mesh(mesh)
+  # Parameters `device_put` over a mesh, with neither `mesh=` nor an ambient
+  # mesh: their mesh, seen at `init` (inside `jit` it is not visible).
+  seen: list[jax.sharding.Mesh] = []
+
+  def work_mesh():
+    if mesh is not None or not jax.sharding.get_abstract_mesh().empty:
+      return mesh
+    return seen[0] if seen else None
 
   def init_fn(params):
-    resolve_leaves(params, matrix_views)  # raises on a non-matrix leaf
+    _routing.bind_views(params, matrix_views)  # raises on a non-matrix leaf
+    found = _distributed.params_mesh(params)
+    if found is not None:
+      seen[:] = [found]
     return MuonState(
       count=jnp.zeros([], jnp.int32),
-      momentum=optax.tree.zeros_like(params, dtype=mu_dtype),
+      mu=optax.tree.zeros_like(params, dtype=mu_dtype),
       diagnostics=(
-        _diagnostics.zero_muon_metrics(params) if diagnostics else None
+        {
+          path: _metrics.zeros(_metrics.MUON_METRICS)
+          for path, _ in _paths.leaves_with_paths(params)
+        }
+        if diagnostics
+        else None
       ),
     )
 
   def update_fn(updates, state, params=None):
     del params
-    _check_like_momentum(updates, state.momentum)
-    momentum = optax.tree.update_moment(updates, state.momentum, beta, 1)
-    if nesterov:
-      lookahead = optax.tree.update_moment(updates, momentum, beta, 1)
+    _check_like_momentum(updates, state.mu)
+    mu = optax.tree.update_moment(updates, state.mu, beta, 1)
+    count = optax.safe_increment(state.count)
+    if bias_correction:
+      m_hat = optax.tree.bias_correction(mu, beta, count)
+      if nesterov:
+        m_next = optax.tree.bias_correction(
+          mu, beta, optax.safe_increment(count)
+        )
+        g_hat = optax.tree.bias_correction(updates, beta, count)
+        lookahead = jax.tree.map(
+          lambda m, g: beta * m + (1 - beta) * g, m_next, g_hat
+        )
+      else:
+        lookahead = m_hat
+    elif nesterov:
+      lookahead = optax.tree.update_moment(updates, mu, beta, 1)
     else:
-      lookahead = momentum
-    leaves = resolve_leaves(updates, matrix_views)
+      lookahead = mu
+    leaves = _routing.bind_views(updates, matrix_views)
     flat, treedef = jax.tree.flatten(lookahead)
     grads = jax.tree.leaves(updates)
     mats = [leaf.view.to_matrices(flat[leaf.index]) for leaf in leaves]
-    scales = [
-      _views.shape_scale(scaling, *leaf.view.matrix_shape) for leaf in leaves
-    ]
+
+    def ns(x):
+      return _newton_schulz.newton_schulz(
+        x,
+        eps,
+        plan=plan,
+        preconditioning=preconditioning,
+        compute_dtype=compute_dtype,
+      )
+
+    dist_mesh = _distributed.resolve_mesh(work_mesh())
     strategy = (
       default_group_strategy() if group_strategy == 'auto' else group_strategy
     )
-    dist_mesh = _distributed.resolve_mesh(mesh)
-    orthogonalize = _orthogonalize_groups
-    if dist_mesh is not None:
-      orthogonalize = functools.partial(
-        _distributed.orthogonalize_groups, mesh=dist_mesh
+    if dist_mesh is None:
+      run_group = _local_group_runner(ns, strategy)
+    else:
+      run_group = _distributed.mesh_group_runner(
+        dist_mesh,
+        plan=plan,
+        preconditioning=preconditioning,
+        eps=eps,
+        compute_dtype=compute_dtype,
+        local_ns=_stack_runner(ns, strategy),
       )
-    orthogonal = orthogonalize(
-      mats,
-      scales,
-      plan=plan,
-      eps=eps,
-      compute_dtype=compute_dtype,
-      strategy=strategy,
-    )
+    orthogonal = _grouping.orthogonalize_groups(mats, run_group)
+    if adaptive:
+      orthogonal = [
+        _adaptive_scale(o, u) for o, u in zip(orthogonal, mats, strict=True)
+      ]
     new_flat = list(flat)
     for leaf, o in zip(leaves, orthogonal, strict=True):
       g = grads[leaf.index]
       new_flat[leaf.index] = leaf.view.from_matrices(o).astype(g.dtype)
     if dist_mesh is not None:
       new_flat = _distributed.restore_shardings(new_flat, grads)
-    new_updates = jax.tree.unflatten(treedef, new_flat)
     metrics = None
     if diagnostics:
-      new_momentum = jax.tree.leaves(momentum)
+      moments = jax.tree.leaves(mu)
       metrics = {
-        leaf.path: _diagnostics.muon_leaf_metrics(
-          o, s, new_momentum[leaf.index]
-        )
-        for leaf, o, s in zip(leaves, orthogonal, scales, strict=True)
+        leaf.path: _metrics.muon_metrics(o, moments[leaf.index])
+        for leaf, o in zip(leaves, orthogonal, strict=True)
       }
-    return new_updates, MuonState(
-      count=optax.safe_increment(state.count),
-      momentum=optax.tree.cast(momentum, mu_dtype),
+    return jax.tree.unflatten(treedef, new_flat), MuonState(
+      count=count,
+      mu=optax.tree.cast(mu, mu_dtype),
       diagnostics=metrics,
     )
 
   return optax.GradientTransformation(
-    init_fn, _distributed.with_auto_axes(update_fn, mesh)
+    init_fn, _distributed.with_auto_axes(update_fn, work_mesh)
   )
+
+
+def scale_by_shape(
+  matrix_views: _routing.MatrixViews = None,
+  consistent_rms: jax.typing.ArrayLike | None = 0.2,
+) -> optax.GradientTransformation:
+  r"""Scales each leaf's update by a factor of its matrix view's shape.
+
+  With the view's `(fan_in, fan_out)`:
+
+  - `consistent_rms` a number (default 0.2):
+    :math:`\text{consistent\_rms} \cdot \sqrt{\max(\text{fan\_in},
+    \text{fan\_out})}`, which gives an orthogonalized update the RMS of an
+    AdamW update (Moonlight), so AdamW's learning rate and weight decay carry
+    over;
+  - `consistent_rms=None`: :math:`\sqrt{\max(1, \text{fan\_out} /
+    \text{fan\_in})}` (KellerJordan/Muon's width scaling).
+
+  optax.contrib's `scale_by_shape` does the same with
+  `weight_dimension_numbers` and defaults to None; the fan-in and fan-out
+  here are those of the matrix view (a conv kernel's `prod(spatial)·in` and
+  `out`), never of the raw leaf shape.
+
+  Args:
+    matrix_views: as in `scale_by_muon`.
+    consistent_rms: the target RMS factor, or None for width scaling.
+
+  Returns:
+    A stateless `GradientTransformation`.
+  """
+  if consistent_rms is not None:
+    _checks.check_scalar(consistent_rms, 'consistent_rms', low=0.0, high=1e6)
+
+  def init_fn(params):
+    _routing.bind_views(params, matrix_views)  # raises on a non-matrix leaf
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None):
+    del params
+    flat, treedef = jax.tree.flatten(updates)
+    for leaf in _routing.bind_views(updates, matrix_views):
+      scale = _views.shape_scale(*leaf.view.matrix_shape, consistent_rms)
+      u = flat[leaf.index]
+      flat[leaf.index] = (u * scale).astype(u.dtype)
+    return jax.tree.unflatten(treedef, flat), state
+
+  return optax.GradientTransformation(init_fn, update_fn)

@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 
 def _is_int(a: Any) -> bool:
@@ -147,7 +148,7 @@ def as_matrix_view(view: Any, what: str) -> MatrixView:
   """Accepts a MatrixView or optax.contrib.MuonDimensionNumbers."""
   if isinstance(view, MatrixView):
     return view
-  if _is_dimension_numbers(view):
+  if isinstance(view, optax.contrib.MuonDimensionNumbers):
     return MatrixView(_axes(view.reduction_axis), _axes(view.output_axis))
   raise TypeError(
     f'{what} must be a muon_optax.MatrixView, an '
@@ -155,25 +156,21 @@ def as_matrix_view(view: Any, what: str) -> MatrixView:
   )
 
 
-def _is_dimension_numbers(x: Any) -> bool:
-  return type(x).__name__ == 'MuonDimensionNumbers' and hasattr(
-    x, 'reduction_axis'
+def is_view_leaf(x: Any) -> bool:
+  return x is None or isinstance(
+    x, (MatrixView, optax.contrib.MuonDimensionNumbers)
   )
 
 
-def is_view_leaf(x: Any) -> bool:
-  return x is None or isinstance(x, MatrixView) or _is_dimension_numbers(x)
+def shape_scale(
+  fan_in: int, fan_out: int, consistent_rms: jax.typing.ArrayLike | None
+) -> jax.typing.ArrayLike:
+  """The factor of an orthogonalized `(fan_in, fan_out)` update.
 
-
-SCALINGS = ('rms', 'jordan', 'none')
-
-
-def shape_scale(scaling: str, fan_in: int, fan_out: int) -> float:
-  """The factor applied to the orthogonalized update of a (fan_in, fan_out)."""
-  if scaling == 'rms':
-    return 0.2 * math.sqrt(max(fan_in, fan_out))
-  if scaling == 'jordan':
+  `consistent_rms * sqrt(max(fan_in, fan_out))` (Moonlight: the update RMS
+  of AdamW when `consistent_rms=0.2`), or KellerJordan/Muon's width scaling
+  `sqrt(max(1, fan_out / fan_in))` when `consistent_rms` is None.
+  """
+  if consistent_rms is None:
     return math.sqrt(max(1.0, fan_out / fan_in))
-  if scaling == 'none':
-    return 1.0
-  raise ValueError(f'Unknown `scaling` {scaling!r}; allowed: {list(SCALINGS)}.')
+  return consistent_rms * math.sqrt(max(fan_in, fan_out))

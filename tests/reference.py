@@ -12,20 +12,42 @@ JORDAN_STEPS = (JORDAN,) * 5
 
 
 def polar_factor(x: np.ndarray) -> np.ndarray:
-  """The exact U Vᵀ of each matrix in the last two axes, by SVD."""
-  u, _, vt = np.linalg.svd(np.asarray(x, np.float64), full_matrices=False)
+  """The exact U Vᴴ of each matrix in the last two axes, by SVD."""
+  dtype = np.complex128 if np.iscomplexobj(x) else np.float64
+  u, _, vt = np.linalg.svd(np.asarray(x, dtype), full_matrices=False)
   return u @ vt
 
 
-def newton_schulz(g, coeffs, eps=1e-7, norm_scale=1.0):
-  """Newton–Schulz on one matrix, as in KellerJordan/Muon, in float64."""
-  x = np.asarray(g, np.float64)
+def newton_schulz(
+  g, coeffs, eps=1e-7, norm_scale=1.0, preconditioning='frobenius'
+):
+  """Newton–Schulz on one matrix, as in KellerJordan/Muon, in float64.
+
+  Complex inputs use the conjugate transpose (complex128). The
+  preconditionings follow optax.contrib's descriptions: 'spectral' divides
+  by the top singular value (here from an SVD), 'aol' scales rows by
+  (sum_j |A_ij|)^(-1/2) with A = X Xᴴ, 'schatten' divides by
+  sqrt(||X Xᴴ||_F).
+  """
+  dtype = np.complex128 if np.iscomplexobj(g) else np.float64
+  x = np.asarray(g, dtype)
   transposed = x.shape[0] > x.shape[1]
   if transposed:
     x = x.T
-  x = x / (norm_scale * np.linalg.norm(x) + eps)
+  if preconditioning == 'frobenius':
+    x = x / (norm_scale * np.linalg.norm(x) + eps)
+  elif preconditioning == 'spectral':
+    x = x / (norm_scale * np.linalg.svd(x, compute_uv=False)[0] + eps)
+  elif preconditioning == 'aol':
+    rows = np.maximum(np.abs(x @ x.conj().T).sum(axis=1), eps)
+    x = x / np.sqrt(rows)[:, None] / norm_scale
+  elif preconditioning == 'schatten':
+    fro = max(np.linalg.norm(x @ x.conj().T), eps)
+    x = x / np.sqrt(fro) / norm_scale
+  else:
+    raise ValueError(preconditioning)
   for a, b, c in coeffs:
-    A = x @ x.T
+    A = x @ x.conj().T
     B = b * A + c * A @ A
     x = a * x + B @ x
   return x.T if transposed else x

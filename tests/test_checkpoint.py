@@ -10,6 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import muon_optax
+from tests.conftest import random_like as _grads
 
 
 def _params():
@@ -22,16 +23,6 @@ def _params():
   }
 
 
-def _grads(params, step):
-  key = jax.random.fold_in(jax.random.key(3), step)
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(key, len(leaves))
-  return jax.tree.unflatten(
-    treedef,
-    [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)],
-  )
-
-
 def _optimizers():
   return {
     'muon': muon_optax.muon(
@@ -41,7 +32,7 @@ def _optimizers():
       # A dtype is callable, so inject_hyperparams would take it for a
       # schedule unless it is static.
       muon_optax.muon,
-      static_args=('ns_steps', 'eps', 'mu_dtype'),
+      static_args=('mu_dtype',),
     )(learning_rate=0.02, weight_decay=0.1, mu_dtype=jnp.bfloat16),
     'apply_if_finite': optax.apply_if_finite(muon_optax.muon(0.02), 3),
   }

@@ -29,7 +29,7 @@ def _grads(seed):
 
 def test_metrics_match_numpy_and_leave_updates_unchanged():
   params = _params()
-  kwargs = dict(weight_decay=0.1, ns_coeffs='jordan', scaling='jordan')
+  kwargs = dict(weight_decay=0.1, ns_coeffs='jordan', consistent_rms=None)
   plain = muon_optax.muon(0.02, **kwargs)
   traced = muon_optax.muon(0.02, diagnostics=True, **kwargs)
   sp, st = plain.init(params), traced.init(params)

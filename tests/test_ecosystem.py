@@ -11,6 +11,7 @@ import optax
 import pytest
 
 import muon_optax
+from tests.conftest import random_like as _grads
 
 
 def _params(seed=0):
@@ -20,16 +21,6 @@ def _params(seed=0):
     'dense': {'kernel': f(12, 20), 'bias': f(20)},
     'conv': {'kernel': f(3, 3, 4, 8)},
   }
-
-
-def _grads(params, step):
-  key = jax.random.fold_in(jax.random.key(7), step)
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(key, len(leaves))
-  return jax.tree.unflatten(
-    treedef,
-    [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)],
-  )
 
 
 def _run(tx, params, grads_list):
@@ -53,11 +44,12 @@ def test_chain_with_clip_by_global_norm():
 
 def test_inject_hyperparams_changes_lr_and_wd_without_recompiling():
   params = _params()
-  # Every numeric default is injected too; ns_steps and eps are compile-time
-  # constants of the Newton-Schulz plan, so they must stay static.
-  tx = optax.inject_hyperparams(
-    muon_optax.muon, static_args=('ns_steps', 'eps')
-  )(learning_rate=0.01, weight_decay=0.1, ns_coeffs='jordan')
+  # No static_args: every numeric default is injected, and what shapes the
+  # compiled program (ns_steps, preconditioning, ...) defaults to values
+  # inject_hyperparams leaves static.
+  tx = optax.inject_hyperparams(muon_optax.muon)(
+    learning_rate=0.01, weight_decay=0.1, ns_coeffs='jordan'
+  )
   traces = []
 
   @jax.jit
@@ -68,8 +60,11 @@ def test_inject_hyperparams_changes_lr_and_wd_without_recompiling():
 
   state = tx.init(params)
   _, state = step(params, state, _grads(params, 0))
-  state.hyperparams['learning_rate'] = jnp.asarray(0.003, jnp.float32)
-  state.hyperparams['weight_decay'] = jnp.asarray(0.5, jnp.float32)
+  state = optax.tree_utils.tree_set(
+    state,
+    learning_rate=jnp.asarray(0.003, jnp.float32),
+    weight_decay=jnp.asarray(0.5, jnp.float32),
+  )
   inner = state.inner_state
   g = _grads(params, 1)
   u, state = step(params, state, g)
@@ -81,22 +76,24 @@ def test_inject_hyperparams_changes_lr_and_wd_without_recompiling():
   chex.assert_trees_all_close(u, want, atol=1e-7)
 
 
-def test_inject_hyperparams_without_static_args_says_what_to_do():
-  tx = optax.inject_hyperparams(muon_optax.muon)(learning_rate=0.01)
-  with pytest.raises(TypeError, match="`ns_steps`.*static_args=\\('ns_steps'"):
-    tx.init(_params())
-
-
-def test_inject_hyperparams_with_a_traced_eps_says_what_to_do():
+def test_inject_hyperparams_injects_eps_and_beta():
   params = _params()
-  tx = optax.inject_hyperparams(muon_optax.muon, static_args=('ns_steps',))(
-    learning_rate=0.01
+  tx = optax.inject_hyperparams(muon_optax.muon)(
+    learning_rate=0.01, eps=1e-6, beta=0.9
   )
   state = tx.init(params)
-  with pytest.raises(
-    TypeError, match="`eps`.*static_args=\\('ns_steps', 'eps'"
-  ):
-    jax.jit(tx.update)(params, state, params)
+  assert set(state.hyperparams) >= {'eps', 'beta', 'learning_rate'}
+  got, _ = jax.jit(tx.update)(params, state, params)
+  want, _ = muon_optax.muon(0.01, eps=1e-6, beta=0.9).update(
+    params, state.inner_state, params
+  )
+  chex.assert_trees_all_close(got, want, atol=1e-7)
+
+
+def test_inject_hyperparams_with_an_explicit_ns_steps_says_what_to_do():
+  tx = optax.inject_hyperparams(muon_optax.muon)(learning_rate=0.01, ns_steps=5)
+  with pytest.raises(TypeError, match='`ns_steps`.*static_args'):
+    tx.init(_params())
 
 
 def test_multisteps_equals_one_step_on_the_mean_gradient():
@@ -224,9 +221,9 @@ def test_linen_train_state_with_injected_schedule():
   model = _LinenMLP()
   x, y = _data()
   params = model.init(jax.random.key(0), x)['params']
-  tx = optax.inject_hyperparams(
-    muon_optax.muon, static_args=('ns_steps', 'eps')
-  )(learning_rate=optax.cosine_decay_schedule(0.02, 10), weight_decay=0.01)
+  tx = optax.inject_hyperparams(muon_optax.muon)(
+    learning_rate=optax.cosine_decay_schedule(0.02, 10), weight_decay=0.01
+  )
   state = train_state.TrainState.create(
     apply_fn=model.apply, params=params, tx=tx
   )

@@ -25,14 +25,11 @@ import pytest
 
 import muon_optax
 from tests import reference
+from tests.conftest import normal as _normal
 
 
 def _rng(seed=0):
   return np.random.default_rng(seed)
-
-
-def _normal(*shape, seed=0, dtype=jnp.float32):
-  return jnp.asarray(_rng(seed).standard_normal(shape), dtype)
 
 
 def _singular_values(x):
@@ -93,7 +90,7 @@ class TestNonFiniteGradients:
     for path in ('b', 'c'):
       chex.assert_tree_all_finite(updates[path])
     chex.assert_tree_all_finite(updates['a']['bias'])
-    momentum = state.inner_states['muon'].inner_state[0].momentum
+    momentum = state.inner_states['muon'].inner_state[0].mu
     assert not np.all(np.isfinite(np.asarray(momentum['a']['kernel'])))
 
   def test_nan_in_an_adam_leaf_stays_there(self):
@@ -162,9 +159,9 @@ class TestShapes:
 
   def test_extreme_aspect_ratio_forced_to_muon(self):
     params = {'w': _normal(4, 1024)}
-    tx = muon_optax.muon(0.1, param_labels={'w': 'muon'}, scaling='none')
+    tx = muon_optax.muon(0.1, param_labels={'w': 'muon'})
     updates, _ = _step(tx, params, params)
-    s = _singular_values(updates['w'] / -0.1)
+    s = _singular_values(updates['w'] / (-0.1 * 0.2 * np.sqrt(1024)))
     assert np.all((s > 0.85) & (s < 1.13))
 
   def test_two_by_two(self):
@@ -274,7 +271,6 @@ _MATRIX = {'w': jnp.ones((4, 4))}
 CONSTRUCTION_ERRORS = [
   # (name, kwargs of muon, error, match)
   ('unknown preset', {'ns_coeffs': 'newton'}, ValueError, "preset 'newton'"),
-  ('optax preset name', {'ns_coeffs': 'standard'}, ValueError, 'jordan'),
   (
     'coeffs (2,)',
     {'ns_coeffs': (1.0, 2.0)},
@@ -296,7 +292,12 @@ CONSTRUCTION_ERRORS = [
   ('negative steps', {'ns_steps': -3}, ValueError, 'ns_steps=-3'),
   ('float steps', {'ns_steps': 2.5}, TypeError, '`ns_steps`'),
   ('bool steps', {'ns_steps': True}, TypeError, '`ns_steps`'),
-  ('unknown scaling', {'scaling': 'spectral'}, ValueError, '`scaling`'),
+  (
+    'unknown preconditioning',
+    {'preconditioning': 'newton'},
+    ValueError,
+    '`preconditioning`',
+  ),
   ('unknown group', {'group_strategy': 'vmap'}, ValueError, 'group_strategy'),
   ('beta > 1', {'beta': 1.5}, ValueError, 'beta=1.5'),
   ('beta < 0', {'beta': -0.1}, ValueError, 'beta=-0.1'),
@@ -319,7 +320,7 @@ def test_bad_construction_arguments(kwargs, error, match):
 
 # `muon` forwards these to `scale_by_muon`, which validates them for both.
 ALIAS_ERRORS = [
-  ('eps string', {'eps': 'tiny'}, TypeError, '`eps` must be a Python float'),
+  ('eps string', {'eps': 'tiny'}, TypeError, '`eps` must be a real scalar'),
   ('eps negative', {'eps': -1.0}, ValueError, 'eps=-1.0'),
   ('eps NaN', {'eps': float('nan')}, ValueError, 'eps=nan'),
   (
@@ -346,13 +347,6 @@ def test_bad_alias_arguments(kwargs, error, match):
 
 INIT_ERRORS = [
   # (name, transformation, params, error, match)
-  (
-    'complex matrix',
-    lambda: muon_optax.muon(0.1),
-    {'w': jnp.ones((4, 4), jnp.complex64)},
-    TypeError,
-    "'w' has dtype complex64",
-  ),
   (
     'integer matrix',
     lambda: muon_optax.muon(0.1),
@@ -515,13 +509,7 @@ ROUTING_ERRORS = [
     'orthogonalize integers',
     lambda: muon_optax.orthogonalize(jnp.ones((4, 4), jnp.int32)),
     TypeError,
-    '`x` must be a real floating array, got dtype int32',
-  ),
-  (
-    'orthogonalize complex',
-    lambda: muon_optax.orthogonalize(jnp.ones((4, 4), jnp.complex64)),
-    TypeError,
-    '`x` must be a real floating array, got dtype complex64',
+    '`x` must be a floating or complex array, got dtype int32',
   ),
 ]
 
@@ -542,11 +530,6 @@ def test_stacked_with_a_module():
   model = nnx.Linear(4, 4, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match='`stacked` is for plain trees'):
     muon_optax.param_labels(model, stacked=('layers',))
-
-
-def test_at_least_fifteen_distinct_bad_inputs():
-  cases = CONSTRUCTION_ERRORS + ALIAS_ERRORS + INIT_ERRORS + ROUTING_ERRORS
-  assert len({c[0] for c in cases}) == len(cases) >= 15
 
 
 @pytest.mark.parametrize('make', [muon_optax.scale_by_muon, muon_optax.muon])

@@ -9,6 +9,7 @@ import pytest
 
 import muon_optax
 from tests import reference
+from tests.conftest import random_like as _grads
 
 
 def _params(seed=0):
@@ -23,19 +24,6 @@ def _params(seed=0):
   }
 
 
-def _grads(params, step):
-  key = jax.random.fold_in(jax.random.key(42), step)
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(key, len(leaves))
-  return jax.tree.unflatten(
-    treedef,
-    [
-      jax.random.normal(k, x.shape, x.dtype)
-      for k, x in zip(keys, leaves, strict=True)
-    ],
-  )
-
-
 MATRICES = ('dense/kernel', 'tall/kernel', 'conv/kernel', 'conv1d/kernel')
 
 
@@ -47,14 +35,15 @@ def _flat(tree):
 
 
 @pytest.mark.parametrize('nesterov', [True, False])
-@pytest.mark.parametrize('scaling', ['jordan', 'rms'])
-def test_matches_numpy_muon_over_several_steps(nesterov, scaling):
+@pytest.mark.parametrize('consistent_rms', [None, 0.2])
+def test_matches_numpy_muon_over_several_steps(nesterov, consistent_rms):
   params = _params()
   lr, wd = 0.02, 0.1
+  scaling = 'jordan' if consistent_rms is None else 'rms'
   tx = muon_optax.muon(
     lr,
     ns_coeffs='jordan',
-    scaling=scaling,
+    consistent_rms=consistent_rms,
     nesterov=nesterov,
     weight_decay=wd,
     adam_learning_rate=1e-3,
@@ -107,7 +96,7 @@ def test_matches_optax_contrib_muon_without_nesterov():
   normalization cancels without Nesterov; the updates then agree."""
   params = {'a': _params()['dense']['kernel'], 'b': _params()['tall']['kernel']}
   ours = muon_optax.muon(
-    0.01, ns_coeffs='jordan', scaling='jordan', nesterov=False, eps=1e-8
+    0.01, 'jordan', None, 0.95, 1e-8, consistent_rms=None, nesterov=False
   )
   theirs = optax.contrib.muon(
     0.01, ns_coeffs='standard', nesterov=False, eps=1e-8
@@ -120,12 +109,61 @@ def test_matches_optax_contrib_muon_without_nesterov():
     chex.assert_trees_all_close(uo, ut, atol=1e-6)
 
 
-def test_default_group_strategy_per_backend():
-  # Measured (benchmarks/README.md): unrolled plain calls on XLA:CPU, one
-  # batched call per group on accelerators.
-  assert muon_optax.default_group_strategy('cpu') == 'unroll'
-  assert muon_optax.default_group_strategy('gpu') == 'stack'
-  assert muon_optax.default_group_strategy('tpu') == 'stack'
+@pytest.mark.parametrize('nesterov', [True, False])
+@pytest.mark.parametrize('consistent_rms', [None, 0.2])
+@pytest.mark.parametrize(
+  'preconditioning,adaptive',
+  [
+    ('frobenius', False),
+    ('frobenius', True),
+    ('aol', False),
+    ('schatten', False),
+    ('spectral', False),
+  ],
+)
+def test_chain_equals_optax_contrib_building_blocks(
+  nesterov, consistent_rms, preconditioning, adaptive
+):
+  """The migration table's first row: optax's scale_by_muon + scale_by_shape
+  is muon_optax's scale_by_muon(bias_correction=True) + scale_by_shape."""
+  params = {'a': _params()['dense']['kernel'], 'b': _params()['tall']['kernel']}
+  kw = dict(
+    nesterov=nesterov, adaptive=adaptive, preconditioning=preconditioning
+  )
+  dims = {k: optax.contrib.MuonDimensionNumbers() for k in params}
+  theirs = optax.chain(
+    optax.contrib.scale_by_muon(
+      (3.4445, -4.7750, 2.0315),
+      5,
+      0.9,
+      1e-8,
+      weight_dimension_numbers=dims,
+      **kw,
+    ),
+    # optax 0.2.8 does not re-export scale_by_shape from optax.contrib.
+    optax.contrib._muon.scale_by_shape(dims, consistent_rms=consistent_rms),
+  )
+  ours = optax.chain(
+    muon_optax.scale_by_muon(
+      'standard',
+      5,
+      0.9,
+      1e-8,
+      bias_correction=True,
+      matrix_views=dims,
+      **kw,
+    ),
+    muon_optax.scale_by_shape(dims, consistent_rms=consistent_rms),
+  )
+  so, st = ours.init(params), theirs.init(params)
+  for step in range(3):
+    g = _grads(params, step)
+    uo, so = ours.update(g, so, params)
+    ut, st = theirs.update(g, st, params)
+    # `adaptive` multiplies by a nuclear-norm estimate (~10 here): the float32
+    # rounding of both Newton–Schulz runs grows with it.
+    top = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(ut))
+    chex.assert_trees_all_close(uo, ut, atol=2e-5 * max(1.0, top), rtol=2e-5)
 
 
 @pytest.mark.parametrize('strategy', ['stack', 'unroll', 'map'])
@@ -158,14 +196,18 @@ def _flat_any(tree):
   }
 
 
-def test_jit_and_no_jit_agree():
-  params = _params()
-  tx = muon_optax.muon(0.01, weight_decay=0.05)
-  s = tx.init(params)
-  g = _grads(params, 0)
-  eager, _ = tx.update(g, s, params)
-  jitted, _ = jax.jit(tx.update)(g, s, params)
-  chex.assert_trees_all_close(eager, jitted, atol=1e-6)
+class JitTest(chex.TestCase):
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_update_agrees_with_and_without_jit(self):
+    params = _params()
+    tx = muon_optax.muon(0.01, weight_decay=0.05)
+    state = tx.init(params)
+    update = self.variant(tx.update)
+    g = _grads(params, 0)
+    got, _ = update(g, state, params)
+    want, _ = jax.jit(tx.update)(g, state, params)
+    chex.assert_trees_all_close(got, want, atol=1e-6)
+    chex.assert_tree_all_finite(got)
 
 
 def test_second_update_does_not_recompile():
@@ -202,16 +244,17 @@ def test_bf16_params_and_mu_dtype_keep_their_dtypes(mu_dtype):
     params, state = new_params, new_state
   muon_state = state.inner_states['muon'].inner_state[0]
   want = jnp.bfloat16 if mu_dtype is None else mu_dtype
-  for x in jax.tree.leaves(muon_state.momentum):
+  for x in jax.tree.leaves(muon_state.mu):
     assert x.dtype == want
 
 
-def test_scaling_sets_the_update_rms():
-  """'rms' gives every matrix an update RMS of about 0.2 (AdamW's), whatever
+def test_consistent_rms_sets_the_update_rms():
+  """0.2 gives every matrix an update RMS of about 0.2 (AdamW's), whatever
   its shape; that is what lets AdamW's learning rate carry over."""
   params = _params()
-  tx = muon_optax.scale_by_muon(
-    ns_coeffs=(1.5, -0.5, 0.0), ns_steps=60, scaling='rms'
+  tx = optax.chain(
+    muon_optax.scale_by_muon(ns_coeffs=(1.5, -0.5, 0.0), ns_steps=60),
+    muon_optax.scale_by_shape(consistent_rms=0.2),
   )
   matrices = {k: v for k, v in _flat(params).items() if k in MATRICES}
   u, _ = tx.update(matrices, tx.init(matrices))
@@ -228,7 +271,7 @@ def test_converges_on_a_quadratic():
     np.random.default_rng(0).standard_normal((16, 32)), jnp.float32
   )
   params = {'w': jnp.zeros((16, 32))}
-  tx = muon_optax.muon(optax.linear_schedule(0.05, 0.0, 300), scaling='rms')
+  tx = muon_optax.muon(optax.linear_schedule(0.05, 0.0, 300))
   state = tx.init(params)
   loss = lambda p: jnp.sum(jnp.square(p['w'] - target))
 
@@ -250,3 +293,22 @@ def test_zero_gradients_give_zero_updates():
   u, _ = tx.update(zeros, tx.init(params), params)
   for x in jax.tree.leaves(u):
     assert not np.any(np.asarray(x))
+
+
+def test_complex_parameters_get_unitary_updates():
+  rng = np.random.default_rng(6)
+  w = (rng.standard_normal((8, 12)) + 1j * rng.standard_normal((8, 12))).astype(
+    np.complex64
+  )
+  params = {'w': jnp.asarray(w)}
+  tx = muon_optax.muon(
+    0.1, (2.0, -1.5, 0.5), 40, consistent_rms=None, param_labels={'w': 'muon'}
+  )
+  u, _ = tx.update(params, tx.init(params), params)
+  assert u['w'].dtype == jnp.complex64
+  # The first momentum is a multiple of the gradient: the update is
+  # -lr * width scale * polar(w).
+  scale = np.sqrt(12 / 8)
+  np.testing.assert_allclose(
+    u['w'], -0.1 * scale * reference.polar_factor(w), atol=1e-5
+  )

@@ -11,7 +11,7 @@ import muon_optax
 from tests.test_newton_schulz import BANDS
 
 # Every distinct shape compiles once; keep them few and small.
-_SETTINGS = settings(max_examples=25, deadline=None)
+_SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)
 _SIDES = st.sampled_from([2, 8, 24])
 _PRESETS = st.sampled_from(sorted(BANDS))
 _MAX = float(np.finfo(np.float32).max)
