@@ -181,7 +181,7 @@ def check_layouts(mode='explicit', layouts=tuple(LAYOUTS), steps=2):
       )
     shardings = jax.tree.map(lambda x: x.sharding, p)
     state_shardings = muon_optax.MuonState(
-      count=NamedSharding(mesh, P()), momentum=shardings
+      count=NamedSharding(mesh, P()), mu=shardings
     )
     init = jax.jit(tx.init, out_shardings=state_shardings)
     update = jax.jit(tx.update, out_shardings=(shardings, state_shardings))
@@ -205,8 +205,7 @@ def check_layouts(mode='explicit', layouts=tuple(LAYOUTS), steps=2):
         _same_sharding(updates[name][k], p[name][k]) for k in LAYOUTS[name]
       ),
       'momentum_keeps_sharding': all(
-        _same_sharding(state.momentum[name][k], p[name][k])
-        for k in LAYOUTS[name]
+        _same_sharding(state.mu[name][k], p[name][k]) for k in LAYOUTS[name]
       ),
     }
   out['state_types_kept'] = _types(state) == _types(state_next)
@@ -269,18 +268,61 @@ def check_flops():
   return out
 
 
+def check_trap():
+  """`device_put` FSDP params, `jax.jit(tx.update)`, no mesh anywhere.
+
+  Both kinds of mesh axes: `jax.make_mesh`'s default (explicit) and auto.
+  """
+  params = _tree(MIXED, 0)
+  grads = [_tree(MIXED, s + 1) for s in range(2)]
+  views = {'layers': muon_optax.MatrixView.dense()}
+  make = lambda: muon_optax.scale_by_muon(
+    matrix_views=views, group_strategy='stack'
+  )
+  single = _flops(make(), params)
+  ref_state, ref_step = make().init(params), jax.jit(make().update)
+  want = []
+  for g in grads:
+    u, ref_state = ref_step(g, ref_state)
+    want.append(u)
+  out = {}
+  for kind in (AxisType.Explicit, AxisType.Auto):
+    mesh = jax.make_mesh((8,), ('d',), axis_types=(kind,))
+    p = _put(params, mesh, MIXED_FSDP)
+    tx = make()
+    state = tx.init(p)  # eagerly, as nnx.Optimizer and TrainState do
+    step = jax.jit(tx.update)
+    for g in grads:
+      updates, state = step(_put(g, mesh, MIXED_FSDP), state)
+    out[str(kind)] = {
+      'rel_err': max(_rel_err(updates[k], want[-1][k]) for k in p),
+      'updates_keep_sharding': all(_same_sharding(updates[k], p[k]) for k in p),
+      'layers_spec': str(updates['layers'].sharding.spec),
+      'fraction': _flops(make(), p) / single,
+    }
+  return out
+
+
 def main():
   if jax.device_count() < 8:
     raise SystemExit(
       'needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8'
     )
-  which = sys.argv[1:] or ['explicit', 'auto', 'mesh_arg', 'alias', 'flops']
+  which = sys.argv[1:] or [
+    'explicit',
+    'auto',
+    'mesh_arg',
+    'alias',
+    'flops',
+    'trap',
+  ]
   checks = {
     'explicit': lambda: check_layouts('explicit'),
     'auto': lambda: check_layouts('auto'),
     'mesh_arg': lambda: check_layouts('mesh_arg'),
     'alias': check_muon_alias,
     'flops': check_flops,
+    'trap': check_trap,
   }
   print(json.dumps({k: checks[k]() for k in which}, indent=1))
 

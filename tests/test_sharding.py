@@ -50,7 +50,7 @@ def _spawn(*checks):
 
 @pytest.fixture(scope='module')
 def results():
-  procs = [_spawn('explicit', 'alias'), _spawn('mesh_arg', 'flops')]
+  procs = [_spawn('explicit', 'alias'), _spawn('mesh_arg', 'flops', 'trap')]
   out = {}
   for proc in procs:
     stdout, stderr = proc.communicate(timeout=600)
@@ -116,3 +116,13 @@ def test_no_mesh_is_the_single_device_path():
 def test_mesh_must_be_a_mesh():
   with pytest.raises(TypeError, match='`mesh`'):
     muon_optax.scale_by_muon(mesh='data')
+
+
+def test_device_put_params_without_a_mesh_split_the_work(results):
+  """The common pattern (sharded params, plain `jax.jit`, no `set_mesh` nor
+  `mesh=`) splits the Newton–Schulz work and keeps each leaf's sharding."""
+  assert len(results['trap']) == 2  # explicit and auto mesh axes
+  for trap in results['trap'].values():
+    assert trap['rel_err'] < RTOL
+    assert trap['updates_keep_sharding'], trap['layers_spec']
+    assert trap['fraction'] < 0.25, trap
