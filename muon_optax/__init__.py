@@ -1,5 +1,7 @@
 """Muon for every architecture with weight matrices, as Optax transformations."""
 
+import importlib
+
 from muon_optax._alias import muon
 from muon_optax._coeffs import resolve_ns_coeffs
 from muon_optax._diagnostics import UpdateStatsState
@@ -8,10 +10,13 @@ from muon_optax._diagnostics import record_update_stats
 from muon_optax._metrics import orthogonality_error
 from muon_optax._newton_schulz import default_compute_dtype
 from muon_optax._newton_schulz import orthogonalize
+from muon_optax._qk_clip import QKClipState
+from muon_optax._qk_clip import qk_clip
 from muon_optax._routing import Routing
 from muon_optax._routing import describe
 from muon_optax._routing import matrix_views
 from muon_optax._routing import param_labels
+from muon_optax._trace import trace_routing
 from muon_optax._transform import MuonState
 from muon_optax._transform import default_group_strategy
 from muon_optax._transform import scale_by_muon
@@ -20,22 +25,46 @@ from muon_optax._views import MatrixView
 
 __version__ = '0.1.0'
 
+# The Flax NNX attention helpers import flax: loaded on first use, so that
+# `import muon_optax` never imports a model library.
+_FLAX_ATTENTION = (
+  'MaxLogit',
+  'capture_max_logits',
+  'collect_max_logits',
+  'max_logit_attention',
+)
+
+
+def __getattr__(name: str):
+  if name in _FLAX_ATTENTION:
+    module = importlib.import_module('muon_optax._flax_attention')
+    return getattr(module, name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
 __all__ = (
   'MatrixView',
+  'MaxLogit',
   'MuonState',
+  'QKClipState',
   'Routing',
   'UpdateStatsState',
+  'capture_max_logits',
+  'collect_max_logits',
   'default_compute_dtype',
   'default_group_strategy',
   'describe',
   'diagnostics',
   'matrix_views',
+  'max_logit_attention',
   'muon',
   'orthogonality_error',
   'orthogonalize',
   'param_labels',
+  'qk_clip',
   'record_update_stats',
   'resolve_ns_coeffs',
   'scale_by_muon',
   'scale_by_shape',
+  'trace_routing',
 )

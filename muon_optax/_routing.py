@@ -41,35 +41,57 @@ from muon_optax._views import MatrixView
 
 @dataclasses.dataclass(frozen=True)
 class Routing:
-  """Labels, matrix views and the reasons for both, one of each per leaf.
+  """Which parameters get Muon, through which matrix view, and why.
 
-  Each field is a tree with the params' structure: `labels` holds `'muon'`
-  or `'adam'`, `views` a `MatrixView` (None where there is no matrix) and
-  `reasons` a sentence. `muon(lr, param_labels=routing)` takes labels and
-  views together; `describe(routing)` prints it. A `Routing` is one opaque
-  value to JAX and optax (not a pytree), so `optax.inject_hyperparams` keeps
-  it static.
+  Three trees with the structure of the params: `labels` (`'muon'` or
+  `'adam'`), `views` (a `MatrixView`, None where there is no matrix) and
+  `reasons` (a short sentence each). An Adam leaf keeps the view it was read
+  with where it has one (an output head, a depthwise or degenerate kernel),
+  so `muon_views()` gives the views of the Muon leaves only.
+  `muon(lr, param_labels=routing)` takes labels and views together;
+  `describe(routing)` prints it. A `Routing` is one opaque value to JAX and
+  optax (not a pytree), so `optax.inject_hyperparams` keeps it static.
   """
 
   labels: Any
   views: Any
   reasons: Any
 
-  def rules(self) -> dict[str, Rule]:
-    """`{path: Rule(label, view, why)}` in the params' leaf order."""
+  def by_path(self) -> dict[str, Rule]:
+    """`{path: Rule(label, view, why)}`, paths as the rest of muon_optax.
+
+    Paths are '/'-joined keys with an NNX Variable's `.value` dropped, e.g.
+    `'blocks/0/attn/query/kernel'`.
+    """
     labels = _paths.leaves_with_paths(self.labels)
-    views = dict(
-      _paths.leaves_with_paths(self.views, is_leaf=_views.is_view_leaf)
+    # Up to the labels' structure: an Equinox module's static fields are
+    # None in every tree, and a None view must not be taken for one.
+    structure = jax.tree.structure(self.labels)
+    views = structure.flatten_up_to(self.views)
+    reasons = structure.flatten_up_to(self.reasons)
+    return {
+      path: Rule(label, view, reason)
+      for (path, label), view, reason in zip(
+        labels, views, reasons, strict=True
+      )
+    }
+
+  def muon_views(self) -> Any:
+    """`views` with None on every Adam leaf."""
+    return jax.tree.map(
+      lambda label, view: view if label == MUON else None,
+      self.labels,
+      self.views,
     )
-    reasons = dict(_paths.leaves_with_paths(self.reasons))
-    return {p: Rule(lab, views.get(p), reasons.get(p, '')) for p, lab in labels}
 
   def __repr__(self) -> str:
-    counts = {}
-    for rule in self.rules().values():
-      counts[rule.label] = counts.get(rule.label, 0) + 1
-    summary = ', '.join(f'{k}: {v}' for k, v in sorted(counts.items()))
-    return f'Routing({summary})'
+    labels = [rule.label for rule in self.by_path().values()]
+    return (
+      f'Routing({labels.count(MUON)} muon leaves, '
+      f'{labels.count(ADAM)} adam leaves)'
+    )
+
+  __str__ = __repr__
 
 
 # Model libraries are optional: an object can only be one of theirs once the
@@ -455,7 +477,7 @@ def describe(
   if isinstance(params_or_module, Routing):
     given = params_or_module
     params = params_or_module.labels
-    rules = given.rules()
+    rules = given.by_path()
     param_labels = param_labels if param_labels is not None else given
     matrix_views = matrix_views if matrix_views is not None else given
   else:
@@ -464,7 +486,7 @@ def describe(
       param_labels = params_or_module
     source = param_labels if is_nnx_module(param_labels) else params_or_module
     if isinstance(param_labels, Routing):
-      rules = param_labels.rules()
+      rules = param_labels.by_path()
     else:
       rules = route(source)
     if matrix_views is None and isinstance(param_labels, Routing):

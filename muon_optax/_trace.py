@@ -33,23 +33,13 @@ from jax.extend import core as jex
 import numpy as np
 
 from muon_optax import _paths
+from muon_optax import _rules
+from muon_optax._routing import Routing
 from muon_optax._views import MatrixView
 
-MUON = 'muon'
-ADAM = 'adam'
+MUON = _rules.MUON
+ADAM = _rules.ADAM
 HEADS = (ADAM, MUON)
-# timm's degenerate-matrix rule (pytorch-image-models #2580), the same as
-# `_routing.is_degenerate`; restated here so that `_routing` may import this
-# module (for `Routing`) without an import cycle.
-_MIN_SIDE = 4
-_MAX_ASPECT = 128
-
-
-def _is_degenerate(m: int, n: int) -> bool:
-  lo, hi = min(m, n), max(m, n)
-  return lo < _MIN_SIDE or hi / lo > _MAX_ASPECT
-
-
 # Ops that move a value without changing it (operand axis -> output axis).
 _IDENTITY = frozenset(
   {
@@ -667,59 +657,6 @@ class _Analysis:
     return outs or []
 
 
-@dataclasses.dataclass(frozen=True)
-class Routing:
-  """Which parameters get Muon, through which matrix view, and why.
-
-  Three trees with the structure of the params: `labels` (`'muon'` or
-  `'adam'`), `views` (the `MatrixView` a matrix use read, None for the
-  others) and `reasons` (a short sentence each). An Adam leaf keeps the view
-  it was read with where it has one (an output head, a depthwise or
-  degenerate kernel), so `muon_views()` gives the views of the Muon leaves
-  only. Deliberately not a pytree: optax and `muon` take it as one object.
-  """
-
-  labels: Any
-  views: Any
-  reasons: Any
-
-  def by_path(self) -> dict[str, tuple[str, MatrixView | None, str]]:
-    """`{path: (label, view, reason)}`, paths as the rest of muon_optax.
-
-    Paths are '/'-joined keys with an NNX Variable's `.value` dropped, e.g.
-    `'blocks/0/attn/query/kernel'`.
-    """
-    labels = _paths.leaves_with_paths(self.labels)
-    # Up to the labels' structure: an Equinox module's static fields are
-    # None in every tree, and a None view must not be taken for one.
-    structure = jax.tree.structure(self.labels)
-    views = structure.flatten_up_to(self.views)
-    reasons = structure.flatten_up_to(self.reasons)
-    return {
-      path: (label, view, reason)
-      for (path, label), view, reason in zip(
-        labels, views, reasons, strict=True
-      )
-    }
-
-  def muon_views(self) -> Any:
-    """`views` with None on every Adam leaf."""
-    return jax.tree.map(
-      lambda label, view: view if label == MUON else None,
-      self.labels,
-      self.views,
-    )
-
-  def __repr__(self) -> str:
-    labels = [label for label, _, _ in self.by_path().values()]
-    return (
-      f'Routing({labels.count(MUON)} muon leaves, '
-      f'{labels.count(ADAM)} adam leaves)'
-    )
-
-  __str__ = __repr__
-
-
 def _is_variable(x: Any) -> bool:
   # Without flax imported there can be no Variable; never import it here.
   nnx = sys.modules.get('flax.nnx')
@@ -821,7 +758,7 @@ def _decide(
       if head == ADAM:
         return ADAM, view, f'output head (reaches the output); {why}'
       why = f"output head kept on Muon (head='muon'); {why}"
-    if _is_degenerate(m, n):
+    if _rules.is_degenerate((m, n)):
       return ADAM, view, f'degenerate {m}x{n}; {why}'
     return MUON, view, why
   if 'indirect' in by_kind:
@@ -904,7 +841,7 @@ def trace_routing(
 
   Examples:
     >>> import jax, jax.numpy as jnp
-    >>> from muon_optax._trace import trace_routing
+    >>> from muon_optax import trace_routing
     >>> params = {'w1': jnp.zeros((8, 16)), 'b1': jnp.zeros(16),
     ...           'w2': jnp.zeros((16, 10))}
     >>> def mlp(p, x):

@@ -18,9 +18,9 @@ import optax
 import pytest
 
 import muon_optax
+from muon_optax import Routing
 from muon_optax import _paths
-from muon_optax._trace import Routing
-from muon_optax._trace import trace_routing
+from muon_optax import trace_routing
 from muon_optax._views import MatrixView
 
 DENSE = MatrixView((-2,), (-1,))  # (in, out), leading axes stacked
