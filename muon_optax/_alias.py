@@ -146,15 +146,10 @@ def muon(
   """
   if adam_learning_rate is None:
     adam_learning_rate = learning_rate
-  if matrix_views is None and (
-    isinstance(param_labels, _routing.Routing)
-    or _routing.is_nnx_module(param_labels)
-  ):
-    matrix_views = (
-      _routing.routing(param_labels)
-      if _routing.is_nnx_module(param_labels)
-      else param_labels
-    )
+  if matrix_views is None and isinstance(param_labels, _routing.Routing):
+    matrix_views = param_labels
+  elif matrix_views is None and _routing.is_model(param_labels):
+    matrix_views = _routing.routing(param_labels)
   muon_tx = optax.chain(
     _transform.scale_by_muon(
       ns_coeffs,

@@ -105,6 +105,13 @@ def _nnx() -> Any:
   return importlib.import_module('muon_optax._nnx')
 
 
+def _eqx() -> Any:
+  """The Equinox integration when equinox is loaded, else None."""
+  if 'equinox' not in sys.modules:
+    return None
+  return importlib.import_module('muon_optax._equinox')
+
+
 def is_nnx_module(x: Any) -> bool:
   nnx = _nnx()
   return nnx is not None and nnx.is_module(x)
@@ -113,6 +120,18 @@ def is_nnx_module(x: Any) -> bool:
 def is_eqx_module(x: Any) -> bool:
   eqx = sys.modules.get('equinox')
   return eqx is not None and isinstance(x, eqx.Module)
+
+
+def is_model(x: Any) -> bool:
+  """A model object whose layer types can route it: an NNX module, or an
+  Equinox module holding arrays (not a label or view tree shaped like one).
+  """
+  if is_nnx_module(x):
+    return True
+  return is_eqx_module(x) and any(
+    isinstance(leaf, jax.Array) or hasattr(leaf, 'shape')
+    for leaf in jax.tree.leaves(x)
+  )
 
 
 def is_tree_builder(x: Any) -> bool:
@@ -131,6 +150,8 @@ def is_tree_builder(x: Any) -> bool:
 def params_tree(params_or_module: Any) -> Any:
   if is_nnx_module(params_or_module):
     return _nnx().params(params_or_module)
+  if is_model(params_or_module):
+    return _eqx().params(params_or_module)
   return params_or_module
 
 
@@ -172,6 +193,10 @@ def route(
         'their shapes (the leading axes a layer does not own are a batch).'
       )
     rules = _nnx().module_rules(
+      params_or_module, head_names=head_names, embed_names=embed_names
+    )
+  elif is_model(params_or_module):
+    rules = _eqx().module_rules(
       params_or_module, head_names=head_names, embed_names=embed_names
     )
   else:
@@ -333,7 +358,7 @@ ParamLabels = Any
 
 def label_fn(param_labels: ParamLabels) -> Callable[[Any], Any]:
   """A function from any params tree to its label tree, matched by path."""
-  if is_nnx_module(param_labels):
+  if is_model(param_labels):
     param_labels = routing(param_labels)
   if isinstance(param_labels, Routing):
     param_labels = param_labels.labels
@@ -482,16 +507,16 @@ def describe(
     matrix_views = matrix_views if matrix_views is not None else given
   else:
     params = params_tree(params_or_module)
-    if param_labels is None and is_nnx_module(params_or_module):
+    if param_labels is None and is_model(params_or_module):
       param_labels = params_or_module
-    source = param_labels if is_nnx_module(param_labels) else params_or_module
+    source = param_labels if is_model(param_labels) else params_or_module
     if isinstance(param_labels, Routing):
       rules = param_labels.by_path()
     else:
       rules = route(source)
     if matrix_views is None and isinstance(param_labels, Routing):
       matrix_views = param_labels
-    elif matrix_views is None and is_nnx_module(source):
+    elif matrix_views is None and is_model(source):
       matrix_views = routing(source)
   labels = dict(_paths.leaves_with_paths(label_fn(param_labels)(params)))
   resolver = view_resolver(matrix_views, params)
