@@ -548,4 +548,16 @@ def describe(
     f'{label}: {n} leaves, {size:,} params'
     for label, (n, size) in sorted(totals.items(), reverse=True)
   )
-  return '\n'.join(lines + [summary])
+  notes = []
+  traced = isinstance(param_labels, Routing)
+  if not traced and not any('head' in r.why for r in rules.values()):
+    notes.append(
+      'note: no output head was found by name; if the model has one, it is '
+      'on Muon above (trace_routing finds it from the computation).'
+    )
+  if not traced and any('guessed' in r.why for r in rules.values()):
+    notes.append(
+      "note: 'guessed' layouts come from shapes alone; trace_routing reads "
+      'them from the computation.'
+    )
+  return '\n'.join(lines + [summary] + notes)

@@ -383,3 +383,19 @@ def test_optax_dimension_numbers_are_accepted():
   for i in range(3):  # axis 1 is a batch: three (32, 64) matrices
     want = muon_optax.orthogonalize(params['qkv'][:, i])
     np.testing.assert_allclose(u['qkv'][:, i], want, atol=1e-5)
+
+
+def test_describe_says_when_the_rules_had_to_guess():
+  params = {
+    'Dense_0': {'kernel': jnp.zeros((8, 16))},
+    'Dense_1': {'kernel': jnp.zeros((16, 10))},
+    'x': jnp.zeros((3, 8, 8)),
+  }
+  text = muon_optax.describe(params)
+  assert 'no output head was found by name' in text
+  assert 'guessed conv layout' in text and "note: 'guessed'" in text
+  named = {
+    'Conv_0': {'kernel': jnp.zeros((3, 3, 8, 16))},
+    'head': params['Dense_1'],
+  }
+  assert 'note:' not in muon_optax.describe(named)
