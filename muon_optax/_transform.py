@@ -90,6 +90,20 @@ def _local_group_runner(ns, strategy: str) -> _grouping.RunGroup:
   return run
 
 
+def _lookahead(updates, mu, count, beta, *, nesterov, bias_correction):
+  """What is orthogonalized: the momentum, or its Nesterov look-ahead."""
+  if not bias_correction:
+    if nesterov:
+      return optax.tree.update_moment(updates, mu, beta, 1)
+    return mu
+  # optax.contrib's form: both terms corrected, the momentum one step ahead.
+  if not nesterov:
+    return optax.tree.bias_correction(mu, beta, count)
+  m_next = optax.tree.bias_correction(mu, beta, optax.safe_increment(count))
+  g_hat = optax.tree.bias_correction(updates, beta, count)
+  return jax.tree.map(lambda m, g: beta * m + (1 - beta) * g, m_next, g_hat)
+
+
 def _adaptive_scale(o: jax.Array, u: jax.Array) -> jax.Array:
   """`⟨U, O⟩ O` per matrix: O scaled by a nuclear-norm estimate of U."""
   dual = jnp.sum(jnp.conj(u.astype(o.dtype)) * o, axis=(-2, -1), keepdims=True)
@@ -234,22 +248,14 @@ def scale_by_muon(
     _check_like_momentum(updates, state.mu)
     mu = optax.tree.update_moment(updates, state.mu, beta, 1)
     count = optax.safe_increment(state.count)
-    if bias_correction:
-      m_hat = optax.tree.bias_correction(mu, beta, count)
-      if nesterov:
-        m_next = optax.tree.bias_correction(
-          mu, beta, optax.safe_increment(count)
-        )
-        g_hat = optax.tree.bias_correction(updates, beta, count)
-        lookahead = jax.tree.map(
-          lambda m, g: beta * m + (1 - beta) * g, m_next, g_hat
-        )
-      else:
-        lookahead = m_hat
-    elif nesterov:
-      lookahead = optax.tree.update_moment(updates, mu, beta, 1)
-    else:
-      lookahead = mu
+    lookahead = _lookahead(
+      updates,
+      mu,
+      count,
+      beta,
+      nesterov=nesterov,
+      bias_correction=bias_correction,
+    )
     leaves = _routing.bind_views(updates, matrix_views)
     flat, treedef = jax.tree.flatten(lookahead)
     grads = jax.tree.leaves(updates)
