@@ -109,16 +109,15 @@ def test_matches_optax_contrib_muon_without_nesterov():
     chex.assert_trees_all_close(uo, ut, atol=1e-6)
 
 
-@pytest.mark.parametrize('nesterov', [True, False])
-@pytest.mark.parametrize('consistent_rms', [None, 0.2])
 @pytest.mark.parametrize(
-  'preconditioning,adaptive',
+  'nesterov, consistent_rms, preconditioning, adaptive',
   [
-    ('frobenius', False),
-    ('frobenius', True),
-    ('aol', False),
-    ('schatten', False),
-    ('spectral', False),
+    (True, None, 'frobenius', False),
+    (False, 0.2, 'frobenius', False),
+    (True, 0.2, 'frobenius', True),
+    (False, None, 'aol', False),
+    (True, 0.2, 'schatten', False),
+    (True, None, 'spectral', False),
   ],
 )
 def test_chain_equals_optax_contrib_building_blocks(
