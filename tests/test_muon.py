@@ -102,10 +102,11 @@ def test_matches_optax_contrib_muon_without_nesterov():
     0.01, ns_coeffs='standard', nesterov=False, eps=1e-8
   )
   so, st = ours.init(params), theirs.init(params)
+  update_ours, update_theirs = jax.jit(ours.update), jax.jit(theirs.update)
   for step in range(3):
     g = _grads(params, step)
-    uo, so = ours.update(g, so, params)
-    ut, st = theirs.update(g, st, params)
+    uo, so = update_ours(g, so, params)
+    ut, st = update_theirs(g, st, params)
     chex.assert_trees_all_close(uo, ut, atol=1e-6)
 
 
@@ -155,10 +156,11 @@ def test_chain_equals_optax_contrib_building_blocks(
     muon_optax.scale_by_shape(dims, consistent_rms=consistent_rms),
   )
   so, st = ours.init(params), theirs.init(params)
+  update_ours, update_theirs = jax.jit(ours.update), jax.jit(theirs.update)
   for step in range(3):
     g = _grads(params, step)
-    uo, so = ours.update(g, so, params)
-    ut, st = theirs.update(g, st, params)
+    uo, so = update_ours(g, so, params)
+    ut, st = update_theirs(g, st, params)
     # `adaptive` multiplies by a nuclear-norm estimate (~10 here): the float32
     # rounding of both Newton–Schulz runs grows with it.
     top = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(ut))
