@@ -1,12 +1,18 @@
-"""`muon`: Muon for the weight matrices, AdamW for everything else."""
+"""`muon` and `normuon`: Muon (or NorMuon) for the weight matrices, AdamW
+for everything else."""
 
+from collections.abc import Callable
+from collections.abc import Mapping
+import math
 from typing import Any
 
 import jax
 import optax
 
+from muon_optax import _checks
 from muon_optax import _diagnostics
 from muon_optax import _newton_schulz
+from muon_optax import _normuon
 from muon_optax import _paths
 from muon_optax import _routing
 from muon_optax import _transform
@@ -23,6 +29,70 @@ def _mask_fn(mask: Any) -> Any:
     return _paths.map_with_paths(lambda p, _: bool(lookup.get(p, True)), tree)
 
   return mask_for
+
+
+def _partition(
+  args: Mapping[str, Any],
+  after_muon: Callable[[_routing.MatrixViews], optax.GradientTransformation]
+  | None = None,
+) -> optax.GradientTransformation:
+  """`muon`'s partition, from `muon`'s arguments by name.
+
+  `after_muon(matrix_views)`, if given, builds a transformation that goes
+  between `scale_by_muon` and `scale_by_shape` (a variant's step on the
+  orthogonalized update, e.g. `scale_by_normuon`).
+  """
+  a = dict(args)
+  views = a['matrix_views']
+  labels = a['param_labels']
+  if views is None and isinstance(labels, _routing.Routing):
+    views = labels
+  elif views is None and _routing.is_model(labels):
+    views = _routing.routing(labels)
+  muon_steps = [
+    _transform.scale_by_muon(
+      a['ns_coeffs'],
+      a['ns_steps'],
+      a['beta'],
+      a['eps'],
+      a['mu_dtype'],
+      nesterov=a['nesterov'],
+      adaptive=a['adaptive'],
+      preconditioning=a['preconditioning'],
+      compute_dtype=a['compute_dtype'],
+      matrix_views=views,
+      group_strategy=a['group_strategy'],
+      diagnostics=a['diagnostics'],
+      mesh=a['mesh'],
+    )
+  ]
+  if after_muon is not None:
+    muon_steps.append(after_muon(views))
+  muon_tx = optax.chain(
+    *muon_steps,
+    _transform.scale_by_shape(views, a['consistent_rms']),
+    optax.add_decayed_weights(
+      a['weight_decay'], _mask_fn(a['weight_decay_mask'])
+    ),
+    optax.scale_by_learning_rate(a['learning_rate']),
+  )
+  adam_lr = a['adam_learning_rate']
+  adam_tx = optax.adamw(
+    learning_rate=a['learning_rate'] if adam_lr is None else adam_lr,
+    b1=a['adam_b1'],
+    b2=a['adam_b2'],
+    eps=a['adam_eps'],
+    eps_root=a['adam_eps_root'],
+    weight_decay=a['adam_weight_decay'],
+    mu_dtype=a['mu_dtype'],
+  )
+  tx = optax.partition(
+    {_routing.MUON: muon_tx, _routing.ADAM: adam_tx},
+    _routing.label_fn(labels),
+  )
+  if a['diagnostics']:
+    tx = optax.chain(tx, _diagnostics.record_update_stats())
+  return tx
 
 
 def muon(
@@ -144,45 +214,83 @@ def muon(
     Liu et al., `Muon is Scalable for LLM Training
     <https://arxiv.org/abs/2502.16982>`_, 2025.
   """
-  if adam_learning_rate is None:
-    adam_learning_rate = learning_rate
-  if matrix_views is None and isinstance(param_labels, _routing.Routing):
-    matrix_views = param_labels
-  elif matrix_views is None and _routing.is_model(param_labels):
-    matrix_views = _routing.routing(param_labels)
-  muon_tx = optax.chain(
-    _transform.scale_by_muon(
-      ns_coeffs,
-      ns_steps,
-      beta,
-      eps,
-      mu_dtype,
-      nesterov=nesterov,
-      adaptive=adaptive,
-      preconditioning=preconditioning,
-      compute_dtype=compute_dtype,
-      matrix_views=matrix_views,
-      group_strategy=group_strategy,
-      diagnostics=diagnostics,
-      mesh=mesh,
+  # `locals()` here is exactly the arguments, by name.
+  return _partition(locals())
+
+
+def normuon(
+  learning_rate: optax.ScalarOrSchedule,
+  ns_coeffs: NsCoeffs = 'polar_express',
+  ns_steps: int | None = None,
+  beta: jax.typing.ArrayLike = 0.95,
+  eps: jax.typing.ArrayLike = _newton_schulz.DEFAULT_EPS,
+  weight_decay: jax.typing.ArrayLike = 0.0,
+  weight_decay_mask: Any = None,
+  mu_dtype: jax.typing.DTypeLike | None = None,
+  *,
+  b2: jax.typing.ArrayLike = _normuon.DEFAULT_B2,
+  normuon_eps: jax.typing.ArrayLike = _normuon.DEFAULT_EPS,
+  nesterov: bool = True,
+  adaptive: bool = False,
+  preconditioning: str = 'frobenius',
+  consistent_rms: jax.typing.ArrayLike | None = 0.2,
+  compute_dtype: jax.typing.DTypeLike | None = None,
+  adam_learning_rate: optax.ScalarOrSchedule | None = None,
+  adam_b1: jax.typing.ArrayLike = 0.9,
+  adam_b2: jax.typing.ArrayLike = 0.999,
+  adam_eps: jax.typing.ArrayLike = 1e-8,
+  adam_eps_root: jax.typing.ArrayLike = 0.0,
+  adam_weight_decay: jax.typing.ArrayLike = 0.0,
+  param_labels: Any = None,
+  matrix_views: _routing.MatrixViews = None,
+  group_strategy: str = 'auto',
+  diagnostics: bool = False,
+  mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
+) -> optax.GradientTransformation:
+  r"""NorMuon for weight matrices, AdamW for the rest: `muon` plus NorMuon.
+
+  `muon`'s partition with `scale_by_normuon` between `scale_by_muon` and
+  `scale_by_shape`: each output neuron of the orthogonalized update is
+  divided by the root of its second moment (an exponential average, decay
+  `b2`, of its mean square), and the matrix is then rescaled to the
+  Newton–Schulz output's Frobenius norm, so `consistent_rms`, the learning
+  rate and the weight decay mean what they mean in `muon`.
+
+  Every argument but the two below is `muon`'s, in the same places; see
+  `muon` for them. `optax.inject_hyperparams(normuon)` injects `b2` and
+  `normuon_eps` too.
+
+  Args:
+    learning_rate: the learning rate, a scalar or an optax schedule.
+    b2: decay of the neurons' second moment, in [0, 1] (0.95, as in the
+      paper and microsoft/dion).
+    normuon_eps: added to the second moment under the square root (apart
+      from `eps`, Newton–Schulz's).
+
+  Returns:
+    An `optax.GradientTransformation`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import muon_optax
+    >>> params = {'conv': {'kernel': jnp.ones((3, 3, 8, 16)),
+    ...                    'bias': jnp.zeros(16)}}
+    >>> tx = muon_optax.normuon(learning_rate=1e-3, b2=0.95)
+    >>> state = tx.init(params)
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, state = tx.update(grads, state, params)
+
+  References:
+    Li et al., `NorMuon: Making Muon more efficient and scalable
+    <https://arxiv.org/abs/2510.05491>`_, 2025.
+  """
+  # `locals()` here is exactly the arguments, by name.
+  args = dict(locals())
+  _checks.check_scalar(normuon_eps, 'normuon_eps', low=0.0, high=math.inf)
+  del args['b2'], args['normuon_eps']
+  return _partition(
+    args,
+    lambda views: _normuon.scale_by_normuon(
+      b2, normuon_eps, matrix_views=views
     ),
-    _transform.scale_by_shape(matrix_views, consistent_rms),
-    optax.add_decayed_weights(weight_decay, _mask_fn(weight_decay_mask)),
-    optax.scale_by_learning_rate(learning_rate),
   )
-  adam_tx = optax.adamw(
-    learning_rate=adam_learning_rate,
-    b1=adam_b1,
-    b2=adam_b2,
-    eps=adam_eps,
-    eps_root=adam_eps_root,
-    weight_decay=adam_weight_decay,
-    mu_dtype=mu_dtype,
-  )
-  tx = optax.partition(
-    {_routing.MUON: muon_tx, _routing.ADAM: adam_tx},
-    _routing.label_fn(param_labels),
-  )
-  if diagnostics:
-    tx = optax.chain(tx, _diagnostics.record_update_stats())
-  return tx
