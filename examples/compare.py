@@ -1,24 +1,30 @@
-r"""Muon vs AdamW vs SGD-Nesterov vs optax.contrib.muon, in one command.
+r"""Optimizers compared on the examples: a learning-rate grid, seeds, plots.
 
-  python examples/compare.py --task {convnet,transformer} [--data PATH]
-      [--optimizers muon,adamw,sgd,optax_muon] [--seeds N]
-      [--epochs E | --steps S] [--train-size N] [--lr-grid ...] [--out DIR]
-      [--mesh DATA,FSDP]
+  python examples/compare.py [--task {convnet,resnet,transformer}]
+      [--data PATH] [--optimizers muon,adamw,nadamw,sgd,optax_muon]
+      [--variant NAME=BASE:KEY=VALUE,...] [--seeds N]
+      [--epochs E | --steps S] [--train-size N] [--lr-grid NAME=LR,LR ...]
+      [--tune-budget F] [--set FIELD=VALUE ...] [--mesh DATA,FSDP]
+      [--out DIR] [--merge DIR ...]
 
-For each optimizer: one seed-0 run per learning rate of its grid, judged on
-the validation split (carved from the training data; a test split is never
-looked at for this); then the other seeds at the chosen learning rate. Every
-run has the same budget and the same schedule shape (linear warm-up, linear
-decay). Writes DIR/summary.md, DIR/results.json and DIR/*.png.
+The harness around the three examples (each runs alone through its
+`main.py`): for each optimizer, one seed-0 run per learning rate of its grid,
+judged by the final validation metric (a test split is never looked at for
+this); then the other seeds at the chosen learning rate. Every run has the
+same budget, data order per seed and schedule shape (linear warm-up, linear
+decay). Writes DIR/summary.md, DIR/results.json, DIR/*.png and, as it goes,
+DIR/runs.partial.jsonl (one line per finished run).
 
 With no arguments: the ConvNet on scikit-learn's bundled digits, about a
 minute on two CPU cores.
 """
 
 import argparse
+import ast
 from collections.abc import Sequence
 import dataclasses
 import importlib
+import importlib.util
 import json
 import math
 import os
@@ -29,37 +35,105 @@ from typing import Any
 
 import jax
 import numpy as np
-import optimizers
 import tqdm
 
-TASKS = ('convnet', 'transformer')
+HERE = pathlib.Path(__file__).resolve().parent
+BASE_OPTIMIZERS = ('muon', 'adamw', 'nadamw', 'sgd', 'optax_muon')
+BASELINES = ('adamw', 'nadamw', 'sgd')  # what Muon must reach, in order
 
-#: Peak learning-rate grids (Muon's own for `muon`; its Adam part follows
-#: through `MuonConfig.adam_lr_ratio`).
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  metric: str  # validation metric of the history; picks the learning rate
+  final_metric: str  # reported, on the held-out test split
+  higher_is_better: bool
+  budget: str  # the config field of the budget: 'epochs' or 'steps'
+  embedded: str  # the data without --data
+
+
+TASKS = {
+  'convnet': Task(
+    'val_accuracy', 'test_accuracy', True, 'epochs', 'sklearn digits'
+  ),
+  'resnet': Task(
+    'val_accuracy', 'test_accuracy', True, 'epochs', 'sklearn digits'
+  ),
+  'transformer': Task(
+    'val_loss', 'test_loss', False, 'steps', 'Python stdlib sources'
+  ),
+}
+
+#: Peak learning-rate grids of the embedded-data runs; pass `--lr-grid` for
+#: real data (examples/README.md has the grids that bracket there).
 DEFAULT_GRIDS = {
   'convnet': {
-    'muon': (0.05, 0.1, 0.2),
-    'adamw': (1e-3, 3e-3, 1e-2),
+    'muon': (0.02, 0.05, 0.1),
+    'adamw': (1e-2, 3e-2, 1e-1),
+    'nadamw': (3e-3, 1e-2, 3e-2),
     'sgd': (0.05, 0.1, 0.2),
+    'optax_muon': (3e-3, 1e-2, 3e-2),
+  },
+  'resnet': {
+    'muon': (0.01, 0.02, 0.05),
+    'adamw': (1e-3, 3e-3, 1e-2),
+    'nadamw': (1e-3, 3e-3, 1e-2),
+    'sgd': (0.03, 0.1, 0.3),
     'optax_muon': (1e-3, 3e-3, 1e-2),
   },
   'transformer': {
-    'muon': (3e-3, 1e-2, 3e-2),
+    'muon': (1e-2, 2e-2, 4e-2),
     'adamw': (3e-3, 1e-2, 3e-2),
+    'nadamw': (3e-3, 1e-2, 3e-2),
     'sgd': (0.1, 0.3, 1.0),
     'optax_muon': (3e-3, 1e-2, 3e-2),
   },
 }
 
+# Set per run by the harness, not through --set.
+_HARNESS_FIELDS = ('optimizer', 'optimizer_kwargs', 'learning_rate', 'seed')
 
-def _parse_grid(items: Sequence[str]) -> dict[str, tuple[float, ...]]:
+
+def _literal(text: str) -> Any:
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def _parse_variants(items: Sequence[str]) -> dict[str, tuple[str, dict]]:
+  """`NAME=BASE:KEY=VALUE,...` -> {NAME: (BASE, kwargs)}."""
+  variants = {}
+  for item in items:
+    name, sep, spec = item.partition('=')
+    base, _, options = spec.partition(':')
+    if not sep or not name or base not in BASE_OPTIMIZERS:
+      raise SystemExit(
+        f'--variant takes NAME=BASE:KEY=VALUE,... with BASE in '
+        f'{list(BASE_OPTIMIZERS)}, e.g. muon_beta0.6=muon:beta=0.6; got '
+        f'{item!r}.'
+      )
+    kwargs = {}
+    for option in filter(None, options.split(',')):
+      key, sep, value = option.partition('=')
+      if not sep:
+        raise SystemExit(
+          f'--variant {name}: expected KEY=VALUE, got {option!r}.'
+        )
+      kwargs[key] = _literal(value)
+    variants[name] = (base, kwargs)
+  return variants
+
+
+def _parse_grid(
+  items: Sequence[str], names: Sequence[str]
+) -> dict[str, tuple[float, ...]]:
   grid = {}
   for item in items:
     name, sep, values = item.partition('=')
-    if not sep or name not in optimizers.OPTIMIZERS:
+    if not sep or name not in names:
       raise SystemExit(
-        f'--lr-grid takes NAME=lr1,lr2,... with NAME in '
-        f'{list(optimizers.OPTIMIZERS)}, got {item!r}.'
+        f'--lr-grid takes NAME=lr1,lr2,... with NAME in {list(names)}, got '
+        f'{item!r}.'
       )
     grid[name] = tuple(float(v) for v in values.split(','))
   return grid
@@ -70,26 +144,41 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     description=__doc__.split('\n')[0],
     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
   )
-  p.add_argument('--task', choices=TASKS, default='convnet')
+  p.add_argument('--task', choices=tuple(TASKS), default='convnet')
   p.add_argument(
     '--data',
     default=None,
-    help='convnet: a folder with train/ (and test/) class folders or '
-    'train.tar.gz/test.tar.gz, or cifar-10-batches-py/; transformer: a text '
-    'file. Default: an embedded dataset that needs no download.',
+    help='convnet, resnet: a folder with train/ (and test/) class folders, '
+    'or train.tar.gz/test.tar.gz, or cifar-10-batches-py/; transformer: a '
+    'text file. Default: embedded data that needs no download.',
   )
-  p.add_argument('--optimizers', default=','.join(optimizers.OPTIMIZERS))
+  p.add_argument(
+    '--config',
+    default=None,
+    help='a config file of the task; default: <task>/configs/default.py '
+    'with --data, <task>/configs/tiny.py without.',
+  )
+  p.add_argument('--optimizers', default=','.join(BASE_OPTIMIZERS))
+  p.add_argument(
+    '--variant',
+    nargs='+',
+    default=[],
+    metavar='NAME=BASE:KEY=VALUE,...',
+    help='an extra row: BASE with these keyword arguments, e.g. '
+    "muon_beta0.6=muon:beta=0.6 (its grid is BASE's unless --lr-grid).",
+  )
   p.add_argument('--seeds', type=int, default=2)
   budget = p.add_mutually_exclusive_group()
   budget.add_argument('--epochs', type=float, default=None)
   budget.add_argument('--steps', type=int, default=None)
   p.add_argument('--train-size', type=int, default=None)
+  p.add_argument('--batch-size', type=int, default=None)
   p.add_argument(
     '--lr-grid',
     nargs='+',
     default=[],
     metavar='NAME=LR,...',
-    help='e.g. --lr-grid muon=0.05,0.1 adamw=3e-3 (others keep the default).',
+    help='e.g. --lr-grid muon=0.01,0.02 adamw=3e-3 (others keep the default).',
   )
   p.add_argument(
     '--tune-budget',
@@ -99,33 +188,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     'learning-rate search; at 1.0 the chosen seed-0 run is reused.',
   )
   p.add_argument('--out', default=None, help='default: runs/<task>')
-  p.add_argument('--batch-size', type=int, default=None)
-  p.add_argument(
-    '--size',
-    choices=('tiny', 'small'),
-    default=None,
-    help='model and evaluation size; default tiny on the embedded data, '
-    'small with --data.',
-  )
   p.add_argument(
     '--set',
     nargs='+',
     default=[],
     metavar='FIELD=VALUE',
-    help='any other field of the task Config, e.g. eval_every=25 '
+    help='any other field of the task config, e.g. val_size=2000 '
     'widths=16,32,64.',
   )
   p.add_argument('--cache-dir', default=None)
-  p.add_argument('--muon-scaling', choices=('rms', 'jordan'), default=None)
-  p.add_argument('--muon-adam-ratio', type=float, default=None)
-  p.add_argument('--muon-beta', type=float, default=None)
-  p.add_argument(
-    '--muon-override',
-    nargs='+',
-    default=[],
-    metavar='PATTERN=LABEL',
-    help="routing overrides for muon, e.g. stem=adam 'head=muon'.",
-  )
   p.add_argument(
     '--merge',
     nargs='+',
@@ -138,8 +209,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument(
     '--diagnostics',
     action='store_true',
-    help="record Muon's per-layer orthogonality error and update/weight RMS "
-    "and plot them (layer_metrics.png); adds its cost to muon's step time.",
+    help="record muon's per-layer orthogonality error and update/weight RMS "
+    'and plot them (layer_metrics.png); adds its cost to its step time.',
   )
   p.add_argument(
     '--mesh',
@@ -148,6 +219,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     help='transformer: train data-parallel + FSDP on a (data, fsdp) device '
     'mesh, e.g. 2,4 (batches over all devices, parameters and optimizer '
     'state sharded over fsdp). On a CPU the devices are emulated.',
+  )
+  p.add_argument(
+    '--step-times',
+    type=int,
+    default=None,
+    metavar='ROUNDS',
+    help="train nothing: time each optimizer's train step on this config, "
+    'round-robin over the optimizers for ROUNDS rounds after a warm-up, so '
+    'that load from other processes hits all alike; writes '
+    'step_times.{md,json}.',
   )
   p.add_argument('--no-progress', action='store_true')
   return p.parse_args(argv)
@@ -177,71 +258,68 @@ def _use_mesh(args: argparse.Namespace) -> tuple[int, ...] | None:
   return shape
 
 
-def _task_config(task_train: Any, args: argparse.Namespace) -> Any:
-  size = args.size or ('tiny' if args.data is None else 'small')
-  config = task_train.tiny_config() if size == 'tiny' else task_train.Config()
-  changes = {}
+def load_config(path: str | os.PathLike) -> Any:
+  """`get_config()` of a config file."""
+  spec = importlib.util.spec_from_file_location('config_file', path)
+  if spec is None or not pathlib.Path(path).is_file():
+    raise SystemExit(f'--config {str(path)!r} is not a file.')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def task_config(args: argparse.Namespace) -> Any:
+  """The task's config file with the command line's changes."""
+  name = 'default' if args.data is not None else 'tiny'
+  config = load_config(
+    args.config or HERE / args.task / 'configs' / f'{name}.py'
+  )
+  budget = TASKS[args.task].budget
+  changes: dict[str, Any] = {'data': args.data}
   if args.epochs is not None:
-    if not hasattr(config, 'epochs'):
+    if budget != 'epochs':
       raise SystemExit(
-        f'--epochs is for the convnet; use --steps for {args.task}.'
+        f'--epochs is for image tasks; use --steps for {args.task}.'
       )
     changes['epochs'] = args.epochs
   if args.steps is not None:
+    if budget != 'steps':
+      raise SystemExit(
+        f'--steps is for the transformer; use --epochs for {args.task}.'
+      )
     changes['steps'] = args.steps
   if args.train_size is not None:
+    if not hasattr(config, 'train_size'):
+      raise SystemExit(f'--train-size is for image tasks, not {args.task}.')
     changes['train_size'] = args.train_size
   if args.batch_size is not None:
     changes['batch_size'] = args.batch_size
+  if args.cache_dir is not None and hasattr(config, 'cache_dir'):
+    changes['cache_dir'] = args.cache_dir
   if args.mesh is not None:
     changes['mesh'] = _use_mesh(args)
-  fields = {f.name: f for f in dataclasses.fields(config)}
   for item in args.set:
-    name, sep, value = item.partition('=')
-    if not sep or name not in fields:
-      raise SystemExit(
-        f'--set takes FIELD=VALUE with FIELD in {list(fields)}, got {item!r}.'
-      )
-    if name == 'mesh':
+    field = item.partition('=')[0]
+    if field == 'mesh':
       raise SystemExit('Use --mesh DATA,FSDP rather than --set mesh=...')
-    current = getattr(config, name)
-    if isinstance(current, tuple):
-      changes[name] = tuple(int(v) for v in value.split(','))
-    elif isinstance(current, bool):
-      changes[name] = value.lower() in ('1', 'true', 'yes')
-    elif isinstance(current, float):
-      changes[name] = float(value)
-    else:
-      changes[name] = int(value)
-  return dataclasses.replace(config, **changes)
+    if field in _HARNESS_FIELDS:
+      raise SystemExit(
+        f'--set {field}: the harness sets {_HARNESS_FIELDS} per run; use '
+        '--optimizers, --variant, --lr-grid and --seeds.'
+      )
+  config = config.replace(**changes)
+  try:
+    return config.override(args.set)
+  except ValueError as e:
+    raise SystemExit(f'--set: {e}') from None
 
 
-def _muon_config(task_train: Any, args: argparse.Namespace):
-  config = task_train.default_muon_config()
-  changes = {}
-  if args.muon_scaling:
-    changes['scaling'] = args.muon_scaling
-  if args.muon_adam_ratio is not None:
-    changes['adam_lr_ratio'] = args.muon_adam_ratio
-  if args.muon_beta is not None:
-    changes['beta'] = args.muon_beta
-  if args.muon_override:
-    pairs = []
-    for item in args.muon_override:
-      pattern, sep, label = item.partition('=')
-      if not sep or label not in ('muon', 'adam'):
-        raise SystemExit(
-          f'--muon-override takes PATTERN=muon|adam, got {item!r}.'
-        )
-      pairs.append((pattern, label))
-    changes['overrides'] = tuple(pairs)
-  if args.diagnostics:
-    changes['diagnostics'] = True
-  return dataclasses.replace(config, **changes)
-
-
-def _better(a: float, b: float, higher: bool) -> bool:
-  return a > b if higher else a < b
+def scale_budget(config: Any, task: Task, fraction: float) -> Any:
+  """The same schedule shape on `fraction` of the budget."""
+  if task.budget == 'epochs':
+    return config.replace(epochs=config.epochs * fraction)
+  steps = max(1, round(config.steps * fraction))
+  return config.replace(steps=steps, eval_every=min(config.eval_every, steps))
 
 
 def _mean_curve(runs: list[dict[str, Any]], key: str) -> np.ndarray:
@@ -249,118 +327,191 @@ def _mean_curve(runs: list[dict[str, Any]], key: str) -> np.ndarray:
   return np.array([[r['history'][i][key] for i in range(n)] for r in runs])
 
 
-def _steps_to(runs, metric, higher, target):
-  """First history point where the seed-mean `metric` reaches `target`."""
+def to_reach(
+  runs: list[dict[str, Any]], metric: str, higher: bool, target: float
+) -> dict[str, float] | None:
+  """The first evaluation where the seed-mean `metric` reaches `target`."""
   curve = _mean_curve(runs, metric).mean(0)
   for i, v in enumerate(curve):
     if (v >= target) if higher else (v <= target):
       h = runs[0]['history'][i]
-      return h['step'], h['epoch']
+      return {'step': h['step'], 'epoch': h['epoch']}
   return None
+
+
+def _by_row(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+  rows: dict[str, list[dict[str, Any]]] = {}
+  for r in results['runs']:
+    rows.setdefault(r['name'], []).append(r)
+  return rows
+
+
+def _final_key(runs: list[dict[str, Any]], task: Task) -> str:
+  if all(task.final_metric in r['final'] for r in runs):
+    return task.final_metric
+  return task.metric  # image data with test_size=0: no test split
+
+
+def analyze(results: dict[str, Any]) -> dict[str, Any]:
+  """The summary's figures: per row the final metric (mean, std), step time
+  and its ratio to AdamW's; for each muon row, where its seed-mean
+  validation curve first reaches each baseline's final mean."""
+  task = TASKS[results['task']]
+  rows = _by_row(results)
+  final_key = _final_key(results['runs'], task)
+  unit = 'epoch' if task.budget == 'epochs' else 'step'
+  adamw_ms = None
+  if 'adamw' in rows:
+    adamw_ms = float(np.mean([r['step_time'] for r in rows['adamw']]))
+  table = {}
+  for name, runs in rows.items():
+    finals = np.array([r['final'][final_key] for r in runs])
+    vals = np.array([r['history'][-1][task.metric] for r in runs])
+    ms = float(np.mean([r['step_time'] for r in runs]))
+    table[name] = {
+      'optimizer': runs[0]['optimizer'],
+      'learning_rate': runs[0]['learning_rate'],
+      'seeds': len(runs),
+      final_key: [float(finals.mean()), float(finals.std())],
+      task.metric: [float(vals.mean()), float(vals.std())],
+      'step_time': ms,
+      'step_time_vs_adamw': ms / adamw_ms if adamw_ms else None,
+    }
+  reach = {}
+  for name, runs in rows.items():
+    if runs[0]['optimizer'] != 'muon':
+      continue
+    reach[name] = {}
+    for base in BASELINES:
+      if base not in rows:
+        continue
+      target = table[base][task.metric][0]
+      hit = to_reach(runs, task.metric, task.higher_is_better, target)
+      budget = rows[base][0]['history'][-1][unit]
+      reach[name][base] = {
+        'target': target,
+        unit: None if hit is None else hit[unit],
+        'fraction': None if hit is None else hit[unit] / budget,
+      }
+  return {'final_key': final_key, 'unit': unit, 'table': table, 'reach': reach}
 
 
 def summarize(results: dict[str, Any]) -> str:
   """The markdown summary of a `results.json` dict."""
-  metric, higher = results['metric'], results['higher_is_better']
-  final_key = results['final_metric']
-  by_opt: dict[str, list[dict[str, Any]]] = {}
-  for r in results['runs']:
-    by_opt.setdefault(r['optimizer'], []).append(r)
+  task = TASKS[results['task']]
+  a = analyze(results)
+  final_key, unit, table = a['final_key'], a['unit'], a['table']
+  seeds = max(row['seeds'] for row in table.values())
   lines = [
     f'# {results["task"]} on {results["data"]}',
     '',
-    f'{len(next(iter(by_opt.values())))} seed(s) per optimizer; learning '
-    f'rate chosen on seed 0 by final `{metric}` after '
-    f'{results.get("tune_budget", 1.0):g}× the budget. Budget: '
-    f'{results["budget"]}.',
+    f'Model: {results["num_params"]:,} parameters. Budget: '
+    f'{results["budget"]}. {seeds} seed(s) per optimizer; each learning '
+    f'rate chosen on seed 0 by the final validation `{task.metric}` after '
+    f'{results.get("tune_budget", 1.0):g}× the budget; `{final_key}` is '
+    'measured once, at the end.',
     '',
   ]
-  target = None
-  if 'adamw' in by_opt:
-    target = float(np.mean([r['history'][-1][metric] for r in by_opt['adamw']]))
-    adam_steps = by_opt['adamw'][0]['total_steps']
-    lines.append(
-      f'Target for "to reach AdamW": AdamW\'s final mean `{metric}` = '
-      f'{target:.4f}.'
-    )
-    lines.append('')
-  both = final_key != metric
-  cols = ['optimizer', 'lr', f'{final_key} (mean ± std)']
-  if both:
-    cols.append(f'final {metric} (mean ± std)')
-  cols += ["steps (epochs) to AdamW's final", "× AdamW's budget", 'ms / step']
+  cols = [
+    'optimizer',
+    'lr',
+    f'{final_key} (mean ± std)',
+    f'final {task.metric} (mean ± std)',
+    'ms / step',
+    "× AdamW's ms / step",
+  ]
   lines += ['| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
-  for name, runs in by_opt.items():
-    finals = np.array([r['final'][final_key] for r in runs])
-    vals = np.array([r['history'][-1][metric] for r in runs])
-    reach, ratio = 'n/a', 'n/a'
-    if target is not None:
-      hit = _steps_to(runs, metric, higher, target)
-      if hit is None:
-        reach, ratio = 'not reached', '—'
-      else:
-        reach = f'{hit[0]} ({hit[1]:.2f})'
-        ratio = f'{hit[0] / adam_steps:.2f}'
-    ms = 1e3 * float(np.mean([r['step_time'] for r in runs]))
-    cells = [name, f'{runs[0]["learning_rate"]:g}']
-    cells.append(f'{finals.mean():.4f} ± {finals.std():.4f}')
-    if both:
-      cells.append(f'{vals.mean():.4f} ± {vals.std():.4f}')
-    cells += [reach, ratio, f'{ms:.0f}']
+  for name, row in table.items():
+    ratio = row['step_time_vs_adamw']
+    cells = [
+      name,
+      f'{row["learning_rate"]:g}',
+      '{:.4f} ± {:.4f}'.format(*row[final_key]),
+      '{:.4f} ± {:.4f}'.format(*row[task.metric]),
+      f'{1e3 * row["step_time"]:.0f}',
+      '—' if ratio is None else f'{ratio:.2f}',
+    ]
     lines.append('| ' + ' | '.join(cells) + ' |')
+  if any(a['reach'].values()):
+    bases = [b for b in BASELINES if b in table]
+    lines += [
+      '',
+      f"{unit.capitalize()}s for Muon's seed-mean validation `{task.metric}` "
+      "to first reach each baseline's final mean (× that baseline's "
+      f'{unit}s):',
+      '',
+      '| | ' + ' | '.join(f"{b}'s final" for b in bases) + ' |',
+      '|' + '---|' * (len(bases) + 1),
+    ]
+    for name, hits in a['reach'].items():
+      cells = [name]
+      for b in bases:
+        h = hits[b]
+        if h[unit] is None:
+          cells.append(f'not reached ({h["target"]:.4f})')
+        else:
+          n = f'{h[unit]:.2f}' if unit == 'epoch' else f'{h[unit]}'
+          cells.append(f'{n} ({h["fraction"]:.2f}×; {h["target"]:.4f})')
+      lines.append('| ' + ' | '.join(cells) + ' |')
   lines += [
     '',
-    '## Learning-rate grids (seed 0, validation metric at the end of tuning)',
+    '## Learning-rate grids (seed 0, final validation metric of the search)',
     '',
   ]
   for name, grid in results['tuning'].items():
+    grid = sorted(grid)
     cells = ', '.join(f'{lr:g}: {v:.4f}' for lr, v in grid)
     chosen = results['chosen_lr'][name]
-    lines.append(f'- {name}: {cells} → **{chosen:g}**')
+    edge = ''
+    if len(grid) > 1 and chosen in (grid[0][0], grid[-1][0]):
+      edge = ' (at the edge of the grid: widen it)'
+    lines.append(f'- {name}: {cells} → **{chosen:g}**{edge}')
   lines += [
     '',
-    f'![{metric} vs step]({metric}_vs_step.png)',
-    f'![{metric} vs wall-clock]({metric}_vs_time.png)',
+    f'![{task.metric} vs {unit}]({task.metric}_vs_{unit}.png)',
+    f'![{task.metric} vs wall-clock]({task.metric}_vs_time.png)',
+    '',
+    f'Command: `{results["command"]}`',
     '',
   ]
   return '\n'.join(lines)
 
 
 def plot(results: dict[str, Any], out: pathlib.Path) -> list[pathlib.Path]:
-  """`metric` against step and against wall-clock, seed bands (min–max)."""
+  """The validation metric against epochs (or steps) and training
+  wall-clock; bands span the seeds (min to max)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
 
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  metric = results['metric']
-  by_opt: dict[str, list[dict[str, Any]]] = {}
-  for r in results['runs']:
-    by_opt.setdefault(r['optimizer'], []).append(r)
+  task = TASKS[results['task']]
+  unit = 'epoch' if task.budget == 'epochs' else 'step'
+  rows = _by_row(results)
   paths = []
   for xkey, xlabel, suffix in (
-    ('step', 'step', 'step'),
+    (unit, unit, unit),
     ('wall_time', 'training wall-clock (s)', 'time'),
   ):
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    for name, runs in by_opt.items():
-      y = _mean_curve(runs, metric)
+    for name, runs in rows.items():
+      y = _mean_curve(runs, task.metric)
       x = _mean_curve(runs, xkey).mean(0)
       (line,) = ax.plot(x, y.mean(0), label=name)
       if len(runs) > 1:
         ax.fill_between(
           x, y.min(0), y.max(0), alpha=0.2, color=line.get_color()
         )
-    if not results['higher_is_better']:  # keep a diverged run in frame
-      best = min(_mean_curve(r, metric).mean(0)[-1] for r in by_opt.values())
+    if not task.higher_is_better:  # keep a diverged run in frame
+      best = min(_mean_curve(r, task.metric).mean(0)[-1] for r in rows.values())
       ax.set_ylim(0.9 * best, 2 * best)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel(metric)
-    ax.set_title(f'{results["task"]}: {metric} (band: min–max over seeds)')
+    ax.set_ylabel(task.metric)
+    ax.set_title(f'{results["task"]}: {task.metric} (band: min–max over seeds)')
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path = out / f'{metric}_vs_{suffix}.png'
+    path = out / f'{task.metric}_vs_{suffix}.png'
     fig.savefig(path)
     plt.close(fig)
     paths.append(path)
@@ -401,8 +552,8 @@ def plot_layer_metrics(
   axes[0].set_yscale('log')
   axes[1].legend(fontsize=6, ncol=2)
   fig.suptitle(
-    f'{results["task"]}: muon per layer (lr {run["learning_rate"]:g}, '
-    f'seed {run["seed"]})'
+    f'{results["task"]}: {run["name"]} per layer (lr '
+    f'{run["learning_rate"]:g}, seed {run["seed"]})'
   )
   fig.tight_layout()
   path = out / 'layer_metrics.png'
@@ -411,36 +562,32 @@ def plot_layer_metrics(
   return path
 
 
-def _log_run(run: dict[str, Any], metric: str, path: pathlib.Path) -> None:
-  tqdm.tqdm.write(
-    f'  {run["optimizer"]} lr={run["learning_rate"]:g} seed={run["seed"]}: '
-    f'{metric} {run["history"][-1][metric]:.4f}, '
-    f'{1e3 * run["step_time"]:.0f} ms/step'
-  )
-  with path.open('a') as f:
-    f.write(json.dumps(run) + '\n')
+def merge(args: argparse.Namespace) -> dict[str, Any]:
+  """Results from the `runs.partial.jsonl` files of earlier invocations.
 
-
-def merge(args: argparse.Namespace, task_train: Any) -> dict[str, Any]:
-  """Results from the `runs.partial.jsonl` files of earlier invocations."""
-  metric, higher = task_train.METRIC, task_train.HIGHER_IS_BETTER
+  Per row, the search is its seed-0 runs at its shortest budget (the full
+  one when it was searched at the full budget); the results are its
+  full-budget runs at the best learning rate of that search, one per seed.
+  """
+  task = TASKS[args.task]
   lines = []
   for d in args.merge:
     path = pathlib.Path(d) / 'runs.partial.jsonl'
     lines += [json.loads(x) for x in path.read_text().splitlines() if x]
+  for r in lines:  # files written before rows had names
+    r.setdefault('name', r['optimizer'])
   full = max(r['total_steps'] for r in lines)
 
   def score(r):
-    v = r['history'][-1][metric]
-    return v if math.isfinite(v) else (-math.inf if higher else math.inf)
+    v = r['history'][-1][task.metric]
+    if math.isfinite(v):
+      return v
+    return -math.inf if task.higher_is_better else math.inf
 
-  order = {n: i for i, n in enumerate(optimizers.OPTIMIZERS)}
-  names = sorted({r['optimizer'] for r in lines}, key=order.get)
+  names = list(dict.fromkeys(r['name'] for r in lines))
   runs, tuning, chosen = [], {}, {}
   for name in names:
-    mine = [r for r in lines if r['optimizer'] == name]
-    # The search: seed-0 runs at this optimizer's shortest budget (the full
-    # one when it was tuned at the full budget), one per learning rate.
+    mine = [r for r in lines if r['name'] == name]
     budget = min(r['total_steps'] for r in mine)
     grid: dict[float, float] = {}
     for r in mine:
@@ -448,10 +595,11 @@ def merge(args: argparse.Namespace, task_train: Any) -> dict[str, Any]:
         grid.setdefault(r['learning_rate'], score(r))
     if not grid:
       raise SystemExit(f'--merge: no seed-0 run of {name} to choose from.')
-    best = max(grid, key=grid.get) if higher else min(grid, key=grid.get)
+    pick = max if task.higher_is_better else min
+    best = pick(grid, key=grid.get)
     tuning[name], chosen[name] = list(grid.items()), best
     seeds = set()
-    for r in mine:  # the results: every seed at the full budget and best lr
+    for r in mine:
       if r['total_steps'] == full and r['learning_rate'] == best:
         if r['seed'] not in seeds:
           seeds.add(r['seed'])
@@ -461,32 +609,123 @@ def merge(args: argparse.Namespace, task_train: Any) -> dict[str, Any]:
         f'--merge: {name} does best at lr {best:g} in its search, but no '
         'full-budget run has that lr.'
       )
-  runs.sort(key=lambda r: (order[r['optimizer']], r['seed']))
+  order = {n: i for i, n in enumerate(names)}
+  runs.sort(key=lambda r: (order[r['name']], r['seed']))
   last = runs[0]['history'][-1]
-  final_key = next(iter(runs[0]['final']))
-  if all('test_accuracy' in r['final'] for r in runs):
-    final_key = 'test_accuracy'  # as in a fresh run: test when there is one
-  results = {
+  return {
     'task': args.task,
-    'data': args.data or task_train.EMBEDDED_DATA,
-    'metric': metric,
-    'higher_is_better': higher,
-    'final_metric': final_key,
+    'data': args.data or task.embedded,
     'budget': f'{full} steps ({last["epoch"]:.2f} epochs)',
+    'num_params': runs[0].get('num_params', 0),
     'tune_budget': min(
       [r['total_steps'] / full for r in lines if r['total_steps'] < full],
       default=1.0,
     ),
     'chosen_lr': chosen,
-    'tuning': {n: tuning[n] for n in chosen},
+    'tuning': tuning,
     'merged_from': list(args.merge),
     'command': ' '.join(['python', 'examples/compare.py', *sys.argv[1:]]),
     'runs': runs,
   }
-  return results
+
+
+def step_times(
+  args: argparse.Namespace,
+  train: Any,
+  config: Any,
+  rows: dict[str, tuple[str, dict]],
+  grids: dict[str, tuple[float, ...]],
+) -> dict[str, Any]:
+  """Each row's train step, timed round-robin after two warm-up steps."""
+  task = TASKS[args.task]
+  rng = np.random.default_rng(0)
+  if task.budget == 'epochs':
+    n = config.batch_size
+    batch = (
+      rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+      rng.integers(0, 10, n).astype(np.int32),
+      jax.random.key(0),
+      np.full(3, 0.5, np.float32),
+      np.full(3, 0.25, np.float32),
+    )
+  else:
+    x = rng.integers(0, 256, (config.batch_size, config.context), np.int32)
+    batch = (x, np.roll(x, -1, axis=1))
+  steps, num_params = {}, None
+  for name, (base, kwargs) in rows.items():
+    grid = grids[name]
+    cfg = config.replace(
+      optimizer=base,
+      optimizer_kwargs=kwargs,
+      learning_rate=grid[len(grid) // 2],
+    )
+    if task.budget == 'epochs':
+      model, _, step = train.create_train_state(cfg, 10, 1000)
+    else:
+      model, _, step = train.create_train_state(cfg)
+    num_params = train.count_params(model)
+    for _ in range(2):  # compile, then one more
+      step(*batch).block_until_ready()
+    steps[name] = step
+  times: dict[str, list[float]] = {name: [] for name in rows}
+  for _ in range(args.step_times):
+    for name, step in steps.items():
+      t0 = time.perf_counter()
+      step(*batch).block_until_ready()
+      times[name].append(time.perf_counter() - t0)
+  median = {name: float(np.median(t)) for name, t in times.items()}
+  return {
+    'task': args.task,
+    'num_params': num_params,
+    'batch_size': config.batch_size,
+    'rounds': args.step_times,
+    'median_ms': {n: 1e3 * m for n, m in median.items()},
+    'min_ms': {n: 1e3 * float(np.min(t)) for n, t in times.items()},
+    'vs_adamw': {
+      n: m / median['adamw'] for n, m in median.items() if 'adamw' in median
+    },
+    'command': ' '.join(['python', 'examples/compare.py', *sys.argv[1:]]),
+  }
+
+
+def _write_step_times(result: dict[str, Any], out: pathlib.Path) -> None:
+  (out / 'step_times.json').write_text(json.dumps(result, indent=1))
+  lines = [
+    f'# {result["task"]}: train step times',
+    '',
+    f'{result["num_params"]:,} parameters, batch {result["batch_size"]}; '
+    f"{result['rounds']} rounds, each optimizer's step once per round "
+    '(compiled and warmed up first).',
+    '',
+    "| optimizer | median ms | min ms | × AdamW's median |",
+    '|---|---|---|---|',
+  ]
+  for name, ms in result['median_ms'].items():
+    ratio = result['vs_adamw'].get(name)
+    lines.append(
+      f'| {name} | {ms:.1f} | {result["min_ms"][name]:.1f} | '
+      + ('—' if ratio is None else f'{ratio:.3f}')
+      + ' |'
+    )
+  lines += ['', f'Command: `{result["command"]}`', '']
+  (out / 'step_times.md').write_text('\n'.join(lines))
+  print('\n'.join(lines))
+
+
+def _describe_budget(task: Task, config: Any, run: dict[str, Any]) -> str:
+  if task.budget == 'epochs':
+    return (
+      f'{run["total_steps"]} steps = {config.epochs:g} epochs of '
+      f'{run["steps_per_epoch"]} batches of {config.batch_size}'
+    )
+  return (
+    f'{run["total_steps"]} steps of {config.batch_size}×{config.context} '
+    f'tokens ({run["history"][-1]["epoch"]:.2f} epochs)'
+  )
 
 
 def _write(results: dict[str, Any], out: pathlib.Path) -> None:
+  results['analysis'] = analyze(results)
   (out / 'results.json').write_text(json.dumps(results, indent=1))
   plot(results, out)
   summary = summarize(results)
@@ -497,107 +736,111 @@ def _write(results: dict[str, Any], out: pathlib.Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
-  task_train = importlib.import_module(f'{args.task}.train')
-  if args.merge:
-    out = pathlib.Path(args.out or f'runs/{args.task}')
-    out.mkdir(parents=True, exist_ok=True)
-    results = merge(args, task_train)
-    _write(results, out)
-    return results
-  names = [n.strip() for n in args.optimizers.split(',') if n.strip()]
-  for n in names:
-    if n not in optimizers.OPTIMIZERS:
-      raise SystemExit(
-        f'Unknown optimizer {n!r}; known: {optimizers.OPTIMIZERS}.'
-      )
-  if args.seeds < 1:
-    raise SystemExit(f'--seeds must be at least 1, got {args.seeds}.')
-  grids = {**DEFAULT_GRIDS[args.task], **_parse_grid(args.lr_grid)}
-  config = _task_config(task_train, args)
-  muon_config = _muon_config(task_train, args)
+  task = TASKS[args.task]
   out = pathlib.Path(args.out or f'runs/{args.task}')
   out.mkdir(parents=True, exist_ok=True)
-  dataset = task_train.load_data(args.data, config, cache_dir=args.cache_dir)
-  metric, higher = task_train.METRIC, task_train.HIGHER_IS_BETTER
-  if 'muon' in names:
-    table = task_train.routing_table(config, dataset, muon_config)
-    (out / 'routing.txt').write_text(table + '\n')
-    print(f'muon routing ({out}/routing.txt):\n{table}')
+  if args.merge:
+    results = merge(args)
+    _write(results, out)
+    return results
+  if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+  train = importlib.import_module(f'{args.task}.train')
+  config = task_config(args)
+
+  rows = {n: (n, {}) for n in args.optimizers.split(',') if n.strip()}
+  for name in rows:
+    if name not in BASE_OPTIMIZERS:
+      raise SystemExit(
+        f'Unknown optimizer {name!r}; known: {BASE_OPTIMIZERS} (and '
+        '--variant for others).'
+      )
+  rows.update(_parse_variants(args.variant))
+  if args.diagnostics:
+    for name, (base, kwargs) in rows.items():
+      if base == 'muon':
+        rows[name] = (base, {**kwargs, 'diagnostics': True})
+  if args.seeds < 1:
+    raise SystemExit(f'--seeds must be at least 1, got {args.seeds}.')
+  grids = {n: DEFAULT_GRIDS[args.task][base] for n, (base, _) in rows.items()}
+  grids.update(_parse_grid(args.lr_grid, list(rows)))
+
+  if args.step_times is not None:
+    result = step_times(args, train, config, rows, grids)
+    _write_step_times(result, out)
+    return result
 
   reuse = args.tune_budget >= 1.0
-  tune_config = config
-  if not reuse:
-    tune_config = task_train.scale_budget(config, args.tune_budget)
-  total = sum(len(grids[n]) + args.seeds - reuse for n in names)
-  disable = args.no_progress
-  outer = tqdm.tqdm(total=total, desc='runs', disable=disable, position=0)
-
-  def inner(**kw):
-    return tqdm.tqdm(leave=False, disable=disable, position=1, **kw)
-
-  runs, tuning, chosen = [], {}, {}
-  t0 = time.time()
+  tune_config = (
+    config if reuse else scale_budget(config, task, args.tune_budget)
+  )
+  total = sum(len(grids[n]) + args.seeds - reuse for n in rows)
+  bar = tqdm.tqdm(total=total, desc='runs', disable=args.no_progress)
   partial = out / 'runs.partial.jsonl'  # one line per finished run
   partial.write_text('')
-  for name in names:
-    scores, best = [], None
-    for lr in grids[name]:
-      r = task_train.train_and_evaluate(
-        tune_config,
-        dataset,
-        optimizer=name,
-        learning_rate=lr,
-        seed=0,
-        muon_config=muon_config,
-        progress=inner,
-      )
-      _log_run(r, metric, partial)
-      score = r['history'][-1][metric]
-      if not math.isfinite(score):
-        score = -math.inf if higher else math.inf
-      scores.append((lr, score))
-      if best is None or _better(score, best[1], higher):
-        best = (r, score)
-      outer.update()
-    tuning[name], chosen[name] = scores, best[0]['learning_rate']
-    tqdm.tqdm.write(
-      f'{name}: lr {chosen[name]:g} ({metric} {best[1]:.4f} on seed 0)'
-    )
-    first_seed = 1 if reuse else 0
-    if reuse:
-      runs.append(best[0])
-    for seed in range(first_seed, args.seeds):
-      r = task_train.train_and_evaluate(
-        config,
-        dataset,
-        optimizer=name,
-        learning_rate=chosen[name],
-        seed=seed,
-        muon_config=muon_config,
-        progress=inner,
-      )
-      _log_run(r, metric, partial)
-      runs.append(r)
-      outer.update()
-  outer.close()
 
-  final_metric = task_train.final_metric(dataset)
+  def run(name, cfg, lr, seed, tune):
+    base, kwargs = rows[name]
+    cfg = cfg.replace(
+      optimizer=base, optimizer_kwargs=kwargs, learning_rate=lr, seed=seed
+    )
+    suffix = '_search' if tune and not reuse else ''
+    workdir = out / 'runs' / f'{name}_lr{lr:g}_seed{seed}{suffix}'
+    r = {'name': name, **train.train_and_evaluate(cfg, workdir)}
+    bar.update()
+    tqdm.tqdm.write(
+      f'  {name} lr={lr:g} seed={seed}: {task.metric} '
+      f'{r["history"][-1][task.metric]:.4f}, '
+      f'{1e3 * r["step_time"]:.0f} ms/step'
+    )
+    with partial.open('a') as f:
+      f.write(json.dumps(r) + '\n')
+    return r
+
+  runs, tuning, chosen, routing = [], {}, {}, None
+  t0 = time.time()
+  for name in rows:
+    scores = []
+    for lr in grids[name]:
+      r = run(name, tune_config, lr, 0, tune=True)
+      routing = routing or r.get('routing')
+      score = r['history'][-1][task.metric]
+      if not math.isfinite(score):
+        score = -math.inf if task.higher_is_better else math.inf
+      scores.append((lr, score, r))
+    pick = max if task.higher_is_better else min
+    best = pick(scores, key=lambda s: s[1])
+    tuning[name] = [(lr, s) for lr, s, _ in scores]
+    chosen[name] = best[0]
+    tqdm.tqdm.write(
+      f'{name}: lr {best[0]:g} ({task.metric} {best[1]:.4f} on seed 0)'
+    )
+    if reuse:
+      runs.append(best[2])
+    for seed in range(1 if reuse else 0, args.seeds):
+      runs.append(run(name, config, best[0], seed, tune=False))
+  bar.close()
+  if routing:
+    (out / 'routing.txt').write_text(routing + '\n')
+
   results = {
     'task': args.task,
-    'data': args.data or task_train.EMBEDDED_DATA,
-    'metric': metric,
-    'higher_is_better': higher,
-    'final_metric': final_metric,
-    'budget': task_train.describe_budget(config, runs[0]),
+    'data': args.data or task.embedded,
+    'budget': _describe_budget(task, config, runs[0]),
+    'num_params': runs[0]['num_params'],
     'config': dataclasses.asdict(config),
     'tune_budget': args.tune_budget,
-    'muon_config': dataclasses.asdict(muon_config),
-    'grids': {n: list(grids[n]) for n in names},
+    'rows': {n: {'optimizer': b, 'kwargs': k} for n, (b, k) in rows.items()},
+    'grids': {n: list(grids[n]) for n in rows},
     'chosen_lr': chosen,
     'tuning': tuning,
-    'command': ' '.join(['python', 'examples/compare.py', *sys.argv[1:]])
-    if argv is None
-    else ' '.join(['python', 'examples/compare.py', *argv]),
+    'command': ' '.join(
+      [
+        'python',
+        'examples/compare.py',
+        *(sys.argv[1:] if argv is None else argv),
+      ]
+    ),
     'total_seconds': time.time() - t0,
     'runs': runs,
   }

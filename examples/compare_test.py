@@ -1,6 +1,8 @@
-"""`compare.main` end to end on a tiny config: results.json has the schema."""
+"""`compare.main` end to end on tiny configs, and the summary's figures."""
 
+import argparse
 import json
+import math
 import pathlib
 import sys
 
@@ -12,15 +14,20 @@ import compare  # noqa: E402
 
 
 def test_convnet_end_to_end(tmp_path):
+  # The tiny config of convnet/train_test.py: its compilations are reused.
   compare.main(
     [
       '--epochs=1',
-      '--train-size=128',
+      '--train-size=256',
       '--seeds=2',
-      '--optimizers=muon,adamw',
+      '--optimizers=adamw',
+      '--variant',
+      'muon_beta0.6=muon:beta=0.6',
       '--lr-grid',
-      'muon=0.05,0.1',
-      'adamw=3e-3',
+      'adamw=0.01,0.03',
+      'muon_beta0.6=0.01',
+      '--set',
+      'widths=4,8',
       '--out',
       str(tmp_path),
       '--no-progress',
@@ -30,40 +37,41 @@ def test_convnet_end_to_end(tmp_path):
   results = json.loads((tmp_path / 'results.json').read_text())
   assert results['task'] == 'convnet'
   assert results['data'] == 'sklearn digits'
-  assert len(results['runs']) == 4
+  assert results['rows']['muon_beta0.6'] == {
+    'optimizer': 'muon',
+    'kwargs': {'beta': 0.6, 'diagnostics': True},
+  }
+  names = [(r['name'], r['seed']) for r in results['runs']]
+  assert names == [(n, s) for n in ('adamw', 'muon_beta0.6') for s in (0, 1)]
   for run in results['runs']:
-    assert set(run) >= {
-      'optimizer',
-      'seed',
-      'learning_rate',
-      'final',
-      'history',
-    }
-    assert 'test_accuracy' in run['final']
+    assert {'test_accuracy', 'val_accuracy'} <= set(run['final'])
     for h in run['history']:
-      assert set(h) >= {'step', 'epoch', 'wall_time', 'train_loss'}
-      assert 'val_accuracy' in h
+      assert set(h) >= {'step', 'epoch', 'wall_time', 'val_accuracy'}
   assert [len(v) for v in results['tuning'].values()] == [2, 1]
-  assert (tmp_path / 'summary.md').exists()
-  assert (tmp_path / 'val_accuracy_vs_step.png').exists()
-  assert (tmp_path / 'val_accuracy_vs_time.png').exists()
-  # --diagnostics: the routing table, per-layer metrics and their plot.
-  assert 'muon' in (tmp_path / 'routing.txt').read_text()
-  muon_run = next(r for r in results['runs'] if r['optimizer'] == 'muon')
-  layers = muon_run['history'][-1]['layers']
+  analysis = results['analysis']
+  assert analysis['final_key'] == 'test_accuracy'
+  assert list(analysis['reach']) == ['muon_beta0.6']
+  assert analysis['table']['adamw']['step_time_vs_adamw'] == 1.0
+  summary = (tmp_path / 'summary.md').read_text()
+  assert '| muon_beta0.6 | 0.01 |' in summary
+  for png in ('val_accuracy_vs_epoch', 'val_accuracy_vs_time', 'layer_metrics'):
+    assert (tmp_path / f'{png}.png').exists()
+  assert 'stem/kernel' in (tmp_path / 'routing.txt').read_text()
+  # --diagnostics: per-layer metrics of the applied updates.
+  layers = results['runs'][-1]['history'][-1]['layers']
   assert layers and all(
     0.0 < m['orthogonality_error'] < 1.0 and m['update_to_weight_rms'] > 0.0
     for m in layers.values()
   )
-  assert (tmp_path / 'layer_metrics.png').exists()
 
 
 def test_transformer_end_to_end(tmp_path):
+  # The tiny config of transformer/train_test.py: its compilations are reused.
   compare.main(
     [
       '--task=transformer',
-      '--steps=4',
-      '--seeds=2',
+      '--steps=6',
+      '--seeds=1',
       '--optimizers=muon,adamw',
       '--lr-grid',
       'muon=0.01',
@@ -72,7 +80,7 @@ def test_transformer_end_to_end(tmp_path):
       'd_model=16',
       'context=16',
       'batch_size=4',
-      'eval_every=2',
+      'eval_every=3',
       'eval_windows=8',
       'max_bytes=20000',
       '--out',
@@ -81,12 +89,12 @@ def test_transformer_end_to_end(tmp_path):
     ]
   )
   results = json.loads((tmp_path / 'results.json').read_text())
-  assert results['task'] == 'transformer'
-  assert len(results['runs']) == 4
+  assert len(results['runs']) == 2
   for run in results['runs']:
-    assert set(run['final']) == {'val_loss'}
-    assert [h['step'] for h in run['history']] == [2, 4]
-    assert all('val_loss' in h for h in run['history'])
+    assert set(run['final']) == {'test_loss', 'val_loss'}
+    assert [h['step'] for h in run['history']] == [3, 6]
+  assert results['analysis']['final_key'] == 'test_loss'
+  assert (tmp_path / 'val_loss_vs_step.png').exists()
   assert (tmp_path / 'val_loss_vs_time.png').exists()
 
 
@@ -97,44 +105,73 @@ def test_transformer_end_to_end(tmp_path):
     (['--task', 'transformer', '--mesh', '8'], '--mesh takes DATA,FSDP'),
     (['--task', 'transformer', '--mesh', 'a,b'], '--mesh takes DATA,FSDP'),
     (['--task', 'transformer', '--set', 'mesh=2,4'], 'Use --mesh'),
+    (['--set', 'learning_rate=0.1'], 'the harness sets'),
+    (['--set', 'widths=a'], '`widths` takes'),
+    (['--task', 'resnet', '--steps', '5'], '--steps is for the transformer'),
+    (['--variant', 'fast=adam:beta=0.9'], '--variant takes'),
+    (['--optimizers', 'adam'], "Unknown optimizer 'adam'"),
+    (['--lr-grid', 'adam=0.1'], '--lr-grid takes'),
   ],
 )
-def test_bad_mesh_arguments(argv, match):
+def test_bad_arguments(argv, match, tmp_path):
   with pytest.raises(SystemExit, match=match):
-    compare.main(argv)
+    compare.main([*argv, '--out', str(tmp_path)])
 
 
-def _partial_run(optimizer, seed, lr, steps, val):
+def _run(name, seed, lr, steps, vals, optimizer=None, step_time=0.1):
+  """A run whose validation loss is `vals` at steps 10, 20, ..."""
   return {
-    'optimizer': optimizer,
+    'name': name,
+    'optimizer': optimizer or name,
     'seed': seed,
     'learning_rate': lr,
     'total_steps': steps,
-    'final': {'val_loss': val},
-    'history': [{'step': steps, 'epoch': 1.0, 'val_loss': val}],
+    'step_time': step_time,
+    'final': {'test_loss': vals[-1] + 0.1, 'val_loss': vals[-1]},
+    'history': [
+      {'step': 10 * (i + 1), 'epoch': 0.1 * (i + 1), 'val_loss': v}
+      for i, v in enumerate(vals)
+    ],
   }
 
 
+def test_analysis_steps_to_reach_and_step_time_ratio():
+  runs = [
+    _run('muon', 0, 0.02, 40, [3.0, 2.5, 2.0, 1.8], step_time=0.15),
+    _run('muon', 1, 0.02, 40, [3.0, 2.3, 2.2, 1.8], step_time=0.13),
+    _run('adamw', 0, 0.01, 40, [3.0, 2.8, 2.5, 2.3]),
+    _run('adamw', 1, 0.01, 40, [3.0, 2.8, 2.5, 2.3]),
+    _run('sgd', 0, 0.1, 40, [3.0, 2.9, 2.8, 1.0]),
+  ]
+  a = compare.analyze({'task': 'transformer', 'runs': runs})
+  table = a['table']
+  assert table['muon']['test_loss'] == pytest.approx([1.9, 0.0])
+  assert table['muon']['step_time_vs_adamw'] == pytest.approx(1.4)
+  # Muon's seed mean is 3.0, 2.4, 2.1, 1.8: AdamW's final 2.3 at step 30.
+  assert a['reach']['muon']['adamw'] == {
+    'target': 2.3,
+    'step': 30,
+    'fraction': 0.75,
+  }
+  assert a['reach']['muon']['sgd']['step'] is None  # 1.0 is never reached
+  assert 'nadamw' not in a['reach']['muon']
+
+
 def test_merge_picks_the_best_seed0_lr_of_each_search(tmp_path):
-  import argparse
-  import math
-
-  from transformer import train
-
-  full_grid = tmp_path / 'a'  # muon tuned at the full budget (100 steps)
+  full_grid = tmp_path / 'a'  # muon searched at the full budget (100 steps)
   short_grid = tmp_path / 'b'  # adamw searched on 40 steps, then seeds
   lines = {
     full_grid: [
-      _partial_run('muon', 0, 0.01, 100, 2.5),
-      _partial_run('muon', 0, 0.02, 100, 2.1),
-      _partial_run('muon', 0, 0.04, 100, math.nan),
-      _partial_run('muon', 1, 0.02, 100, 2.2),
+      _run('muon', 0, 0.01, 100, [2.5]),
+      _run('muon', 0, 0.02, 100, [2.1]),
+      _run('muon', 0, 0.04, 100, [math.nan]),
+      _run('muon', 1, 0.02, 100, [2.2]),
     ],
     short_grid: [
-      _partial_run('adamw', 0, 0.01, 40, 2.9),
-      _partial_run('adamw', 0, 0.003, 40, 3.1),
-      _partial_run('adamw', 0, 0.01, 100, 2.6),
-      _partial_run('adamw', 1, 0.01, 100, 2.7),
+      _run('adamw', 0, 0.01, 40, [2.9]),
+      _run('adamw', 0, 0.003, 40, [3.1]),
+      _run('adamw', 0, 0.01, 100, [2.6]),
+      _run('adamw', 1, 0.01, 100, [2.7]),
     ],
   }
   for d, runs in lines.items():
@@ -145,11 +182,9 @@ def test_merge_picks_the_best_seed0_lr_of_each_search(tmp_path):
   args = argparse.Namespace(
     merge=[str(full_grid), str(short_grid)], task='transformer', data=None
   )
-  results = compare.merge(args, train)
+  results = compare.merge(args)
   assert results['chosen_lr'] == {'muon': 0.02, 'adamw': 0.01}
-  picked = [
-    (r['optimizer'], r['seed'], r['learning_rate']) for r in results['runs']
-  ]
+  picked = [(r['name'], r['seed'], r['learning_rate']) for r in results['runs']]
   assert picked == [
     ('muon', 0, 0.02),
     ('muon', 1, 0.02),
@@ -157,3 +192,4 @@ def test_merge_picks_the_best_seed0_lr_of_each_search(tmp_path):
     ('adamw', 1, 0.01),
   ]
   assert dict(results['tuning']['adamw']) == {0.01: 2.9, 0.003: 3.1}
+  assert results['tune_budget'] == 0.4

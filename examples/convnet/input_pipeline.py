@@ -2,6 +2,11 @@
 
 Images are decoded once and cached as uint8 `.npy` arrays (outside the repo,
 in `~/.cache/muon_optax` unless told otherwise); later runs memory-map them.
+`get_datasets(config)` returns the train, validation and test splits.
+
+`convnet/input_pipeline.py` and `resnet/input_pipeline.py` are the same file
+(a test keeps them so), so each example can be copied out on its own and
+both see the same splits.
 """
 
 from collections.abc import Iterator
@@ -11,8 +16,11 @@ import os
 import pathlib
 import pickle
 import tarfile
+from typing import Any
 from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 IMAGE_SHAPE = (32, 32, 3)
@@ -29,6 +37,16 @@ class Split(NamedTuple):
 class Dataset(NamedTuple):
   train: Split
   test: Split | None
+  classes: tuple[str, ...]
+  source: str
+
+
+class Splits(NamedTuple):
+  """What a run trains, validates and tests on."""
+
+  train: Split
+  val: Split
+  test: Split | None  # None only when `test_size=0` and the data has none
   classes: tuple[str, ...]
   source: str
 
@@ -233,3 +251,53 @@ def batches(
   for i in range(len(order) // batch_size):
     idx = order[i * batch_size : (i + 1) * batch_size]
     yield split.images[idx], split.labels[idx]
+
+
+def get_datasets(config: Any) -> Splits:
+  """The splits `config` asks for (its `data`, `cache_dir`, `test_size`,
+  `val_size` and `train_size`).
+
+  Data without a test split gets one carved from its training images first
+  (`test_size`; None: a fifth, at most 10,000); the validation split comes
+  from what is left; `train_size` keeps a fixed subset of the rest. The same
+  config gives the same splits for every optimizer and seed.
+  """
+  dataset = load(config.data, config.cache_dir)
+  size = config.test_size
+  if size is None:
+    size = min(10_000, len(dataset.train.labels) // 5)
+  if dataset.test is None and size:
+    dataset = holdout_test(dataset, size)
+  train, val = split_validation(
+    dataset.train, config.val_size, config.train_size
+  )
+  return Splits(train, val, dataset.test, dataset.classes, dataset.source)
+
+
+def augment(
+  key: jax.Array, images: jax.Array, flip: bool, translate: int
+) -> jax.Array:
+  """Random flips and translations (reflect padding) of a uint8 NHWC batch."""
+  n, h, w, c = images.shape
+  key_flip, key_shift = jax.random.split(key)
+  if flip:
+    mirror = jax.random.bernoulli(key_flip, 0.5, (n, 1, 1, 1))
+    images = jnp.where(mirror, images[:, :, ::-1], images)
+  if translate:
+    t = translate
+    padded = jnp.pad(images, ((0, 0), (t, t), (t, t), (0, 0)), mode='reflect')
+    offsets = jax.random.randint(key_shift, (n, 2), 0, 2 * t + 1)
+    images = jax.vmap(
+      lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, c))
+    )(padded, offsets)
+  return images
+
+
+def channel_stats(split: Split) -> tuple[np.ndarray, np.ndarray]:
+  """Per-channel mean and standard deviation of `split`'s pixels in [0, 1]."""
+  pixels = np.asarray(split.images).reshape(-1, 3) / 255.0
+  return pixels.mean(0).astype(np.float32), pixels.std(0).astype(np.float32)
+
+
+def normalize(images: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
+  return (images.astype(jnp.float32) / 255.0 - mean) / std

@@ -1,40 +1,157 @@
 """Runs the ConvNet example on a tiny config, in seconds."""
 
-import dataclasses
+import json
 import math
 import pathlib
 import sys
 
+import chex
+from flax import nnx
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from convnet import input_pipeline  # noqa: E402
+from convnet import main  # noqa: E402
+from convnet import models  # noqa: E402
 from convnet import train  # noqa: E402
+from convnet.configs import default  # noqa: E402
+from convnet.configs import tiny  # noqa: E402
 
 
-def _tiny():
-  return dataclasses.replace(
-    train.tiny_config(), widths=(4, 8), epochs=1.0, train_size=256
+def _tiny(**changes):
+  return tiny.get_config().replace(
+    widths=(4, 8), epochs=1.0, train_size=256, **changes
   )
 
 
-@pytest.mark.parametrize('optimizer', ['muon', 'adamw', 'sgd', 'optax_muon'])
+@pytest.mark.parametrize('optimizer', train.OPTIMIZERS)
 def test_train_and_evaluate(optimizer, tmp_path):
-  dataset = input_pipeline.digits()
   result = train.train_and_evaluate(
-    _tiny(),
-    dataset,
-    optimizer=optimizer,
-    learning_rate=0.01,
-    workdir=tmp_path,
+    _tiny(optimizer=optimizer, learning_rate=0.01), tmp_path
   )
-  assert (tmp_path / 'result.json').exists()
+  assert json.loads((tmp_path / 'result.json').read_text()) == result
   assert result['total_steps'] == 4
   assert [h['step'] for h in result['history']] == [2, 4]
   assert math.isfinite(result['history'][-1]['train_loss'])
   assert 0.0 <= result['final']['test_accuracy'] <= 1.0
+  kernels = 2 * 2 * 3 * 4 + 3 * 3 * 4 * 8 + 3 * 3 * 8 * 8 + 8 * 10
+  norms = 2 * 4 + 2 * 2 * 8  # scale and bias of three BatchNorms
+  assert result['num_params'] == kernels + norms
+
+
+def test_main_reads_config_file_and_overrides(tmp_path):
+  result = main.main(
+    [
+      f'--workdir={tmp_path}',
+      f'--config={pathlib.Path(tiny.__file__)}',
+      '--config.widths=4,8',
+      '--config.epochs=0.5',
+      '--config.train_size=256',
+      '--config.optimizer=adamw',
+    ]
+  )
+  assert result['optimizer'] == 'adamw' and result['total_steps'] == 2
+  with pytest.raises(SystemExit):
+    main.main([f'--workdir={tmp_path}', '--epochs=1'])
+
+
+def _schedule_value(step, peak, total, warmup_fraction=0.1):
+  warmup = max(1, round(warmup_fraction * total))
+  if step < warmup:
+    return peak * step / warmup
+  return peak * max(0.0, 1 - (step - warmup) / (total - warmup))
+
+
+def test_schedule_is_linear_warmup_then_linear_decay():
+  schedule = train.create_learning_rate_schedule(0.3, 50, 0.1)
+  for step in (0, 1, 4, 5, 6, 30, 49, 50):
+    np.testing.assert_allclose(
+      schedule(step), _schedule_value(step, 0.3, 50), rtol=1e-6, atol=1e-9
+    )
+
+
+@pytest.mark.parametrize('optimizer', ['muon', 'adamw', 'sgd'])
+def test_learning_rate_set_in_the_state_is_that_optimizer(optimizer):
+  """One optimizer object at any lr == the optimizer built at that lr."""
+  model = models.ConvNet(10, (4, 8), rngs=nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  config = _tiny(optimizer=optimizer, learning_rate=0.5)
+  shared = train.create_optimizer(config, model, total_steps=10)
+  state = optax.tree_utils.tree_set(
+    shared.init(params), learning_rate=jnp.float32(0.02)
+  )
+  direct = train.create_optimizer(
+    config.replace(learning_rate=0.02), model, total_steps=10
+  )
+  direct_state = direct.init(params)
+  shared_update, direct_update = jax.jit(shared.update), jax.jit(direct.update)
+  key = jax.random.key(0)
+  for _ in range(3):
+    key, sub = jax.random.split(key)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(sub, len(leaves))
+    grads = jax.tree.unflatten(
+      treedef,
+      [
+        jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)
+      ],
+    )
+    updates, state = shared_update(grads, state, params)
+    expected, direct_state = direct_update(grads, direct_state, params)
+    chex.assert_trees_all_close(updates, expected, rtol=1e-5, atol=1e-8)
+    params = optax.apply_updates(params, updates)
+  assert optax.tree_utils.tree_get(state, 'learning_rate') == 0.02
+
+
+def test_set_learning_rate_in_an_nnx_optimizer():
+  model = models.ConvNet(10, (4, 8), rngs=nnx.Rngs(0))
+  tx = train.create_optimizer(_tiny(optimizer='sgd'), model, total_steps=10)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  train.set_learning_rate(optimizer, 0.07)
+  state = nnx.as_pure(optimizer.opt_state)
+  np.testing.assert_allclose(
+    optax.tree_utils.tree_get(state, 'learning_rate'), 0.07
+  )
+
+
+def test_runs_that_differ_in_lr_and_seed_share_one_optimizer(tmp_path):
+  a = train.train_and_evaluate(_tiny(optimizer='adamw'), tmp_path / 'a')
+  n = len(train._OPTIMIZERS)
+  b = train.train_and_evaluate(
+    _tiny(optimizer='adamw', learning_rate=0.03, seed=1), tmp_path / 'b'
+  )
+  assert len(train._OPTIMIZERS) == n  # no new optimizer, no new compile
+  assert a['history'] != b['history']
+
+
+def test_bad_optimizer_is_a_clear_error(tmp_path):
+  with pytest.raises(ValueError, match='`optimizer` must be one of'):
+    train.train_and_evaluate(_tiny(optimizer='adam'), tmp_path)
+
+
+def test_config_override_parses_by_field_type():
+  config = default.get_config().override(
+    [
+      'widths=8,16',
+      'train_size=None',
+      'data=/data/cifar10',
+      "optimizer_kwargs={'beta': 0.6}",
+      'flip=false',
+      'epochs=2',
+    ]
+  )
+  assert config.widths == (8, 16) and config.train_size is None
+  assert config.data == '/data/cifar10' and config.flip is False
+  assert config.optimizer_kwargs == {'beta': 0.6} and config.epochs == 2.0
+  with pytest.raises(ValueError, match='`epochs` takes a float'):
+    config.override(['epochs=many'])
+  with pytest.raises(ValueError, match='FIELD one of'):
+    config.override(['epoch=2'])
 
 
 def test_holdout_test_split_is_disjoint_from_validation():
@@ -45,11 +162,11 @@ def test_holdout_test_split_is_disjoint_from_validation():
     input_pipeline.Split(np.asarray(images, np.uint8), ids), None, ('a',), 's'
   )
   carved = input_pipeline.holdout_test(dataset, 20)
-  train, val = input_pipeline.split_validation(carved.train, 10)
-  parts = [set(carved.test.labels), set(val.labels), set(train.labels)]
+  train_split, val = input_pipeline.split_validation(carved.train, 10)
+  parts = [set(carved.test.labels), set(val.labels), set(train_split.labels)]
   assert [len(p) for p in parts] == [20, 10, 70]
   assert set.union(*parts) == set(ids)
-  for split in (carved.test, val, train):  # images stay with their labels
+  for split in (carved.test, val, train_split):  # images keep their labels
     np.testing.assert_array_equal(split.images[:, 0, 0, 0], split.labels)
   again = input_pipeline.holdout_test(dataset, 20)  # a fixed split
   np.testing.assert_array_equal(again.test.labels, carved.test.labels)
@@ -59,15 +176,31 @@ def test_holdout_test_split_is_disjoint_from_validation():
     input_pipeline.holdout_test(dataset, 100)
 
 
-def test_load_data_carves_a_test_split_when_absent(tmp_path):
+def test_get_datasets_carves_a_test_split_when_absent(tmp_path):
   _write_jpegs(tmp_path / 'data')
-  config = dataclasses.replace(_tiny(), test_size=2)
-  dataset = train.load_data(str(tmp_path / 'data'), config, tmp_path / 'c')
-  assert len(dataset.test.labels) == 2 and len(dataset.train.labels) == 4
-  assert train.final_metric(dataset) == 'test_accuracy'
-  default = dataclasses.replace(_tiny(), test_size=None)  # a fifth: 1 of 6
-  dataset = train.load_data(str(tmp_path / 'data'), default, tmp_path / 'c')
-  assert len(dataset.test.labels) == 1
+  config = _tiny(
+    data=str(tmp_path / 'data'), cache_dir=str(tmp_path / 'c')
+  ).replace(train_size=None)
+  splits = input_pipeline.get_datasets(config.replace(test_size=2, val_size=1))
+  sizes = [len(s.labels) for s in (splits.train, splits.val, splits.test)]
+  assert sizes == [3, 1, 2]
+  splits = input_pipeline.get_datasets(config.replace(val_size=1))
+  assert len(splits.test.labels) == 1  # a fifth of 6
+  splits = input_pipeline.get_datasets(config.replace(test_size=0, val_size=1))
+  assert splits.test is None
+
+
+def test_augment_shifts_and_flips_whole_images():
+  images = jnp.arange(2 * 4 * 4 * 3, dtype=jnp.uint8).reshape(2, 4, 4, 3)
+  same = input_pipeline.augment(jax.random.key(0), images, False, 0)
+  np.testing.assert_array_equal(same, images)
+  out = input_pipeline.augment(jax.random.key(1), images, True, 1)
+  assert out.shape == images.shape and out.dtype == images.dtype
+  for x, y in zip(np.asarray(images), np.asarray(out), strict=True):
+    pad = np.pad(x, ((1, 1), (1, 1), (0, 0)), mode='reflect')
+    crops = [pad[i : i + 4, j : j + 4] for i in range(3) for j in range(3)]
+    crops += [c[:, ::-1] for c in crops]
+    assert any(np.array_equal(y, c) for c in crops)
 
 
 def test_digits_shape():
@@ -126,7 +259,7 @@ CIFAR = pathlib.Path(__file__).resolve().parents[3] / 'shared/data/cifar10'
   not (CIFAR / 'train.tar.gz').exists(),
   reason=f'CIFAR-10 archive not found at {CIFAR}',
 )
-def test_cifar_archive_loads(tmp_path):
+def test_cifar_archive_loads():
   ds = input_pipeline.load(CIFAR)
   assert ds.train.images.shape == (50000, 32, 32, 3)
   assert len(ds.classes) == 10

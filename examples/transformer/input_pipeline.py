@@ -1,4 +1,8 @@
-"""Bytes of a text file as tokens; the last 10% is the validation split."""
+"""Bytes of a text file as tokens; train, validation and test splits.
+
+The first 90% of the text is the training split; the last 10% is cut in two
+halves, validation (the learning-rate choice) then test (the report).
+"""
 
 from collections.abc import Iterator
 import os
@@ -14,6 +18,7 @@ VOCAB_SIZE = 256  # bytes: any text file works, no vocabulary to build
 class Corpus(NamedTuple):
   train: np.ndarray  # uint8 tokens
   val: np.ndarray
+  test: np.ndarray
   source: str
 
 
@@ -38,18 +43,22 @@ def load(
   data: str | os.PathLike | None = None,
   max_bytes: int = 2_000_000,
 ) -> Corpus:
-  """Splits the text at 90%: train before, validation after."""
+  """Train: the first 90% of the text; validation and test: the two halves
+  of the rest, in that order (disjoint, never trained on)."""
   if data is None:
     text = stdlib_text(max_bytes)
     source = f'Python {sysconfig.get_python_version()} stdlib *.py'
   else:
     path = pathlib.Path(data).expanduser()
     if not path.is_file():
-      raise FileNotFoundError(f'`--data` {str(path)!r} is not a text file.')
+      raise FileNotFoundError(f'`data` {str(path)!r} is not a text file.')
     text, source = path.read_bytes(), str(path)
   tokens = np.frombuffer(text, np.uint8)
-  cut = int(len(tokens) * 0.9)
-  return Corpus(tokens[:cut], tokens[cut:], source)
+  train_end = int(len(tokens) * 0.9)
+  val_end = train_end + (len(tokens) - train_end) // 2
+  return Corpus(
+    tokens[:train_end], tokens[train_end:val_end], tokens[val_end:], source
+  )
 
 
 def batches(
@@ -70,7 +79,7 @@ def batches(
 def eval_windows(
   tokens: np.ndarray, context: int, max_windows: int
 ) -> tuple[np.ndarray, np.ndarray]:
-  """Non-overlapping windows from the start of `tokens`, at most `max_windows`."""
+  """Up to `max_windows` non-overlapping windows from the start of `tokens`."""
   n = min(max_windows, (len(tokens) - 1) // context)
   if n < 1:
     raise ValueError(

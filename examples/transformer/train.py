@@ -1,9 +1,8 @@
-"""Trains the byte-level `Transformer` with one optimizer, lr and seed."""
+"""Trains and evaluates the byte-level Transformer (Flax NNX)."""
 
-from collections.abc import Callable
 import contextlib
-import dataclasses
 import json
+import logging
 import math
 import os
 import pathlib
@@ -12,115 +11,163 @@ from typing import Any
 
 from flax import nnx
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
-import optimizers
 
+import muon_optax
 from transformer import input_pipeline
 from transformer import models
+from transformer.configs import default
+
+OPTIMIZERS = ('muon', 'adamw', 'nadamw', 'sgd', 'optax_muon')
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
-  """Hyperparameters shared by every optimizer.
-
-  Attributes:
-    d_model: model width.
-    num_layers: Transformer blocks.
-    num_heads: attention heads.
-    context: tokens per training window.
-    batch_size: windows per step.
-    steps: training steps.
-    eval_every: steps between validation points in the history.
-    eval_windows: validation windows (non-overlapping, from the start of the
-      validation split).
-    eval_batch_size: windows per evaluation batch.
-    max_bytes: size cap of the embedded corpus.
-    mesh: `(data, fsdp)` device mesh shape, e.g. `(2, 4)`: batches split over
-      all devices, every parameter (and its optimizer state) sharded on its
-      largest axis divisible by `fsdp`. None trains on one device.
-  """
-
-  d_model: int = 128
-  num_layers: int = 2
-  num_heads: int = 4
-  context: int = 64
-  batch_size: int = 32
-  steps: int = 600
-  eval_every: int = 50
-  eval_windows: int = 512
-  eval_batch_size: int = 128
-  max_bytes: int = 2_000_000
-  mesh: tuple[int, int] | None = None
-
-
-def tiny_config() -> Config:
-  """A seconds-long run on the embedded corpus."""
-  return Config(
-    d_model=64,
-    num_layers=1,
-    num_heads=2,
-    context=32,
-    batch_size=16,
-    steps=100,
-    eval_every=20,
-    eval_windows=128,
-    max_bytes=500_000,
+def create_learning_rate_schedule(
+  learning_rate: jax.typing.ArrayLike, total_steps: int, warmup_fraction: float
+) -> optax.Schedule:
+  """Linear warm-up to `learning_rate`, then linear decay to 0."""
+  warmup = max(1, round(warmup_fraction * total_steps))
+  return optax.join_schedules(
+    [
+      optax.linear_schedule(0.0, learning_rate, warmup),
+      optax.linear_schedule(learning_rate, 0.0, max(1, total_steps - warmup)),
+    ],
+    [warmup],
   )
 
 
-METRIC = 'val_loss'
-HIGHER_IS_BETTER = False
-EMBEDDED_DATA = 'Python stdlib sources'
+def create_optimizer(
+  config: default.Config, model: nnx.Module, total_steps: int
+) -> optax.GradientTransformation:
+  """`config.optimizer` with its defaults and the shared schedule.
+
+  The peak learning rate is a hyperparameter in the optimizer state
+  (`optax.inject_hyperparams`), so one compiled train step serves every
+  learning rate: set it with `set_learning_rate`. No weight decay anywhere.
+  """
+  name, kwargs = config.optimizer, dict(config.optimizer_kwargs)
+
+  def make(learning_rate):
+    schedule = create_learning_rate_schedule(
+      learning_rate, total_steps, config.warmup_fraction
+    )
+    if name == 'muon':  # routing from the model: embeddings, head to Adam
+      return muon_optax.muon(schedule, param_labels=model, **kwargs)
+    if name == 'adamw':
+      return optax.adamw(schedule, **{'weight_decay': 0.0, **kwargs})
+    if name == 'nadamw':
+      return optax.adamw(
+        schedule, **{'weight_decay': 0.0, 'nesterov': True, **kwargs}
+      )
+    if name == 'sgd':
+      return optax.sgd(
+        schedule, **{'momentum': 0.9, 'nesterov': True, **kwargs}
+      )
+    if name == 'optax_muon':
+      return optax.contrib.muon(schedule, **kwargs)
+    raise ValueError(
+      f'`optimizer` must be one of {OPTIMIZERS}, got {config.optimizer!r}.'
+    )
+
+  make(config.learning_rate)  # bad names and kwargs fail here, not in jit
+  return optax.inject_hyperparams(make)(learning_rate=config.learning_rate)
 
 
-def load_data(
-  data: str | None, config: Config, cache_dir: str | None = None
-) -> input_pipeline.Corpus:
-  del cache_dir  # bytes need no decoding
-  return input_pipeline.load(data, config.max_bytes)
+def set_learning_rate(optimizer: nnx.Optimizer, learning_rate: float) -> None:
+  """Sets the peak learning rate in `optimizer`'s state."""
+  state = optax.tree_utils.tree_set(
+    nnx.as_pure(optimizer.opt_state),
+    learning_rate=jnp.asarray(learning_rate, jnp.float32),
+  )
+  nnx.update(optimizer.opt_state, nnx.state(state))
 
 
-def make_model(config: Config, seed: int = 0) -> models.Transformer:
+# Runs that differ only in learning rate and seed share one optimizer object,
+# hence one compiled train step (the transformation is static under jit).
+_OPTIMIZERS: dict[Any, optax.GradientTransformation] = {}
+
+
+def _shared_optimizer(config, model, total_steps):
+  key = (
+    nnx.graphdef(model),
+    config.optimizer,
+    repr(sorted(config.optimizer_kwargs.items())),
+    total_steps,
+    config.warmup_fraction,
+    config.mesh,
+  )
+  if key not in _OPTIMIZERS:
+    _OPTIMIZERS[key] = create_optimizer(config, model, total_steps)
+  return _OPTIMIZERS[key]
+
+
+def create_model(config: default.Config) -> models.Transformer:
   return models.Transformer(
     input_pipeline.VOCAB_SIZE,
     config.context,
     d_model=config.d_model,
     num_layers=config.num_layers,
     num_heads=config.num_heads,
-    rngs=nnx.Rngs(seed),
+    rngs=nnx.Rngs(config.seed),
   )
 
 
-def routing_table(
-  config: Config,
-  corpus: Any,
-  muon_config: optimizers.MuonConfig,
-) -> str:
-  """Where `muon` sends each parameter of this task's model."""
-  del corpus  # the model does not depend on the data
-  return optimizers.describe(make_model(config), muon_config)
+def count_params(model: nnx.Module) -> int:
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-def default_muon_config() -> optimizers.MuonConfig:
-  """'rms' scaling: Muon and its Adam part share one learning rate."""
-  return optimizers.MuonConfig(scaling='rms', adam_lr_ratio=1.0)
-
-
-def final_metric(corpus: input_pipeline.Corpus) -> str:
-  del corpus
-  return 'val_loss'
-
-
-def describe_budget(config: Config, run: dict[str, Any]) -> str:
-  return (
-    f'{run["total_steps"]} steps of {config.batch_size}x{config.context} tokens'
-  )
-
-
-def _loss(model, x, y):
+def loss_fn(model: models.Transformer, x: jax.Array, y: jax.Array):
   logits = model(x)
   return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+@nnx.jit
+def train_step(model, optimizer, x, y):
+  loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)
+  optimizer.update(model, grads)
+  return loss
+
+
+def sharded_train_step(param_shardings: Any, state_shardings: Any):
+  """`train_step` that keeps parameters and optimizer state in their FSDP
+  layouts (with auto mesh axes the compiler could otherwise move them)."""
+
+  @nnx.jit
+  def step(model, optimizer, x, y):
+    loss = train_step(model, optimizer, x, y)
+    nnx.update(
+      model,
+      jax.lax.with_sharding_constraint(
+        nnx.as_pure(nnx.state(model, nnx.Param)), param_shardings
+      ),
+    )
+    nnx.update(
+      optimizer,
+      jax.lax.with_sharding_constraint(
+        nnx.as_pure(nnx.state(optimizer)), state_shardings
+      ),
+    )
+    return loss
+
+  return step
+
+
+@nnx.jit
+def eval_step(model, x, y):
+  return loss_fn(model, x, y)
+
+
+def evaluate(model, windows, batch_size: int) -> float:
+  """Mean next-byte cross-entropy (nats) over whole batches of `windows`."""
+  x, y = windows
+  n = (len(x) // batch_size) * batch_size
+  total = 0.0
+  for i in range(0, n, batch_size):
+    total += float(
+      eval_step(model, x[i : i + batch_size], y[i : i + batch_size])
+    )
+  return total * batch_size / n
 
 
 def make_mesh(shape: tuple[int, ...]) -> jax.sharding.Mesh:
@@ -146,7 +193,7 @@ def fsdp_sharding(
 
   Applied to the parameters and to every optimizer-state leaf alike, so a
   momentum or Adam moment lands where its parameter lives; scalars (step
-  counts) and leaves with no such axis are replicated.
+  counts, the learning rate) and leaves with no such axis are replicated.
   """
   n = mesh.shape['fsdp']
   spec = [None] * len(shape)
@@ -157,158 +204,136 @@ def fsdp_sharding(
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
 
 
-def shard(
-  model: nnx.Module,
-  tx: optax.GradientTransformation,
-  mesh: jax.sharding.Mesh,
-) -> tuple[optax.OptState, tuple[Any, Any]]:
-  """Shards `model` in place for FSDP; returns the sharded optimizer state.
+def shard(tree: Any, mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
+  """`(tree placed in FSDP layouts, those shardings)` for a pure tree."""
+  shardings = jax.tree.map(lambda x: fsdp_sharding(mesh, x.shape), tree)
+  return jax.device_put(tree, shardings), shardings
 
-  Returns `(opt_state, shardings)` where `shardings` holds the parameters'
-  and the state's `NamedSharding`s, for the train step to keep them.
-  """
-  params = nnx.state(model, nnx.Param)
-  param_shardings = jax.tree.map(lambda x: fsdp_sharding(mesh, x.shape), params)
-  params = jax.device_put(params, param_shardings)
-  nnx.update(model, params)
-  state_shardings = jax.tree.map(
-    lambda x: fsdp_sharding(mesh, x.shape), jax.eval_shape(tx.init, params)
+
+def layouts(state: Any) -> dict[str, list[str | None]]:
+  """Each leaf's partition spec (one entry per axis), by path."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(nnx.as_pure(state))
+  return {
+    jax.tree_util.keystr(k, simple=True, separator='/'): [
+      *x.sharding.spec,
+      *[None] * (x.ndim - len(x.sharding.spec)),
+    ]
+    for k, x in flat
+  }
+
+
+def in_fsdp_layouts(state: Any, mesh: jax.sharding.Mesh) -> bool:
+  """Whether every leaf of `state` lies as `fsdp_sharding` places it."""
+  return all(
+    x.sharding.is_equivalent_to(fsdp_sharding(mesh, x.shape), x.ndim)
+    for x in jax.tree.leaves(nnx.as_pure(state))
   )
-  opt_state = jax.jit(tx.init, out_shardings=state_shardings)(params)
-  return opt_state, (param_shardings, state_shardings)
 
 
-_COMPILED: dict[Any, Callable[..., Any]] = {}
+def create_train_state(
+  config: default.Config, mesh: jax.sharding.Mesh | None = None
+) -> tuple[models.Transformer, nnx.Optimizer, Any]:
+  """`(model, optimizer, step)`, `step(x, y)` training on one batch.
 
-
-def _train_step_fn(
-  tx: optax.GradientTransformation, shardings: tuple[Any, Any] | None = None
-):
-  @nnx.jit
-  def train_step(model, opt_state, lrs, x, y):
-    loss, grads = nnx.value_and_grad(_loss)(model, x, y)
-    params = nnx.state(model, nnx.Param)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, optimizers.apply_lrs(updates, lrs))
-    if shardings is not None:  # auto axes: pin the layout from step to step
-      params = jax.lax.with_sharding_constraint(params, shardings[0])
-      opt_state = jax.lax.with_sharding_constraint(opt_state, shardings[1])
-    nnx.update(model, params)
-    return opt_state, loss
-
-  return train_step
-
-
-@nnx.jit
-def _eval_step(model, x, y):
-  return _loss(model, x, y)
-
-
-def evaluate(model, windows, batch_size: int) -> float:
-  """Mean next-byte cross-entropy (nats) over the validation windows."""
-  x, y = windows
-  total = 0.0
-  for i in range(0, len(x), batch_size):
-    xb, yb = x[i : i + batch_size], y[i : i + batch_size]
-    if len(xb) < batch_size:  # keep one compiled shape: pad, then reweigh
-      break
-    total += float(_eval_step(model, xb, yb)) * len(xb)
-  n = (len(x) // batch_size) * batch_size
-  return total / n
+  With a mesh (and under `jax.set_mesh(mesh)`), the parameters and every
+  optimizer-state leaf are placed in FSDP layouts (`fsdp_sharding`), the
+  step splits each batch over all devices and keeps those layouts.
+  """
+  model = create_model(config)
+  tx = _shared_optimizer(config, model, config.steps)
+  if mesh is None:
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    set_learning_rate(optimizer, config.learning_rate)
+    return model, optimizer, nnx.cached_partial(train_step, model, optimizer)
+  params, param_shardings = shard(
+    nnx.as_pure(nnx.state(model, nnx.Param)), mesh
+  )
+  nnx.update(model, params)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  set_learning_rate(optimizer, config.learning_rate)
+  opt_state, state_shardings = shard(nnx.as_pure(nnx.state(optimizer)), mesh)
+  nnx.update(optimizer, opt_state)
+  step = nnx.cached_partial(
+    sharded_train_step(param_shardings, state_shardings), model, optimizer
+  )
+  batch_sharding = jax.sharding.NamedSharding(
+    mesh, jax.sharding.PartitionSpec(('data', 'fsdp'))
+  )
+  return (
+    model,
+    optimizer,
+    lambda x, y: step(*jax.device_put((x, y), batch_sharding)),
+  )
 
 
 def train_and_evaluate(
-  config: Config,
-  corpus: input_pipeline.Corpus,
-  *,
-  optimizer: str = 'muon',
-  learning_rate: float = 1e-2,
-  seed: int = 0,
-  muon_config: optimizers.MuonConfig | None = None,
-  workdir: str | os.PathLike | None = None,
-  progress: Callable[..., Any] | None = None,
+  config: default.Config, workdir: str | os.PathLike | None
 ) -> dict[str, Any]:
-  """Trains one run; returns `{'history': [...], 'final': {...}, ...}`.
-
-  Args:
-    config: the shared hyperparameters.
-    corpus: from `input_pipeline.load`.
-    optimizer: one of `optimizers.OPTIMIZERS`.
-    learning_rate: peak learning rate.
-    seed: initialization and batching seed.
-    muon_config: how `muon` is set up; `default_muon_config()` otherwise.
-    workdir: if given, the run is written to `workdir/result.json`.
-    progress: a tqdm-like factory, `progress(total=..., desc=...)`.
+  """Trains one run, writes `workdir/result.json` and returns it.
 
   Returns:
-    The run: `history` (step, epoch, wall_time (training seconds,
-    compilation excluded), train_loss, val_loss), `final` (`val_loss`) and
-    `step_time`.
+    `history` (step, epoch, wall_time (seconds in training steps, the
+    compiling first step and evaluations excluded), train_loss, val_loss),
+    `final` (`test_loss` and `val_loss`), `step_time`, `num_params`, for
+    `muon` where it sends each parameter (`routing`) and, with a mesh, the
+    final layouts of parameters and optimizer state and whether they are
+    still the FSDP ones they started in.
   """
+  corpus = input_pipeline.load(config.data, config.max_bytes)
+  eval_bs = min(config.eval_batch_size, config.eval_windows)
+  val = input_pipeline.eval_windows(
+    corpus.val, config.context, config.eval_windows
+  )
+  test = input_pipeline.eval_windows(
+    corpus.test, config.context, config.eval_windows
+  )
   mesh = make_mesh(config.mesh) if config.mesh is not None else None
+  if mesh is not None and config.batch_size % mesh.size:
+    raise ValueError(
+      f'`batch_size` {config.batch_size} must be a multiple of the '
+      f'{mesh.size} devices of `mesh` {config.mesh}.'
+    )
   # Under the ambient mesh Muon splits its Newton–Schulz work over devices.
-  context = contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
-  with context:
-    muon_config = muon_config or default_muon_config()
-    eval_bs = min(config.eval_batch_size, config.eval_windows)
-    windows = input_pipeline.eval_windows(
-      corpus.val, config.context, config.eval_windows
+  ctx = contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
+  with ctx:
+    model, optimizer, step_fn = create_train_state(config, mesh)
+    num_params = count_params(model)
+    diagnostics = bool(config.optimizer_kwargs.get('diagnostics'))
+    routing = None
+    if config.optimizer == 'muon':
+      routing = muon_optax.describe(model)
+    logging.info(
+      'Transformer d%d x %d layers: %d parameters; %s at peak lr %g; %d steps',
+      config.d_model,
+      config.num_layers,
+      num_params,
+      config.optimizer,
+      config.learning_rate,
+      config.steps,
     )
-    model = make_model(config, seed)
-    params = nnx.state(model, nnx.Param)
-    tx = optimizers.build(optimizer, model, config.steps, muon_config)
-    lrs = optimizers.leaf_lrs(
-      optimizer, model, params, learning_rate, muon_config
-    )
-    shardings = None
-    if mesh is None:
-      opt_state = tx.init(params)
-    else:
-      if config.batch_size % mesh.size:
-        raise ValueError(
-          f'`batch_size` {config.batch_size} must be a multiple of the '
-          f'{mesh.size} devices of `mesh` {config.mesh}.'
-        )
-      opt_state, shardings = shard(model, tx, mesh)
-      batch_sharding = jax.sharding.NamedSharding(
-        mesh, jax.sharding.PartitionSpec(('data', 'fsdp'))
-      )
-    cache_key = (config, optimizer, muon_config)
-    if cache_key not in _COMPILED:
-      _COMPILED[cache_key] = _train_step_fn(tx, shardings)
-    train_step = _COMPILED[cache_key]
 
     epochs_per_step = config.batch_size * config.context / len(corpus.train)
     data = input_pipeline.batches(
       corpus.train,
       config.batch_size,
       config.context,
-      np.random.default_rng(seed),
+      np.random.default_rng(config.seed),
     )
-    bar = None
-    if progress:
-      bar = progress(
-        total=config.steps, desc=f'{optimizer} lr={learning_rate:g}'
-      )
     history, losses = [], []
     wall, first_step_time = 0.0, 0.0
     for step in range(1, config.steps + 1):
       x, y = next(data)
-      if mesh is not None:  # split the batch over every device
-        x, y = jax.device_put((x, y), batch_sharding)
       t0 = time.perf_counter()
-      opt_state, loss = train_step(model, opt_state, lrs, x, y)
+      loss = step_fn(x, y)
       loss.block_until_ready()
       dt = time.perf_counter() - t0
       if step == 1:
-        first_step_time = dt  # compiles (once per optimizer)
+        first_step_time = dt  # compiles, unless an earlier run did
       else:
         wall += dt
       losses.append(loss)
-      if bar:
-        bar.update()
       if step % config.eval_every == 0 or step == config.steps:
-        val_loss = evaluate(model, windows, eval_bs)
+        val_loss = evaluate(model, val, eval_bs)
         history.append(
           {
             'step': step,
@@ -318,38 +343,44 @@ def train_and_evaluate(
             'val_loss': val_loss,
           }
         )
-        if optimizer == 'muon' and muon_config.diagnostics:
-          history[-1]['layers'] = optimizers.layer_metrics(
-            opt_state, learning_rate
-          )
         losses.clear()
-        if bar:
-          bar.set_postfix(val_loss=f'{val_loss:.3f}')
-    if bar:
-      bar.close()
-    layouts = None
-    if mesh is not None:  # where the trained parameters live
-      flat, _ = jax.tree_util.tree_flatten_with_path(
-        nnx.state(model, nnx.Param)
-      )
-      layouts = {
-        jax.tree_util.keystr(k, simple=True, separator='/'): str(
-          x.sharding.spec
+        if diagnostics:
+          history[-1]['layers'] = layer_metrics(optimizer)
+        logging.info(
+          'step %d: train_loss %.4f, val_loss %.4f; %.1f s training',
+          step,
+          history[-1]['train_loss'],
+          val_loss,
+          wall,
         )
-        for k, x in flat
+    test_loss = evaluate(model, test, eval_bs)
+    logging.info('test_loss %.4f', test_loss)
+    placement = {'param_shardings': None}
+    if mesh is not None:  # where training left parameters and state
+      placement = {
+        'param_shardings': layouts(nnx.state(model, nnx.Param)),
+        'state_shardings': layouts(nnx.state(optimizer)),
+        'layouts_kept': in_fsdp_layouts(nnx.state(model), mesh)
+        and in_fsdp_layouts(nnx.state(optimizer), mesh),
       }
 
   result = {
-    'optimizer': optimizer,
-    'seed': seed,
-    'learning_rate': learning_rate,
-    'final': {'val_loss': history[-1]['val_loss']},
+    'optimizer': config.optimizer,
+    'optimizer_kwargs': dict(config.optimizer_kwargs),
+    'seed': config.seed,
+    'learning_rate': config.learning_rate,
+    'final': {'test_loss': test_loss, 'val_loss': history[-1]['val_loss']},
     'history': history,
     'step_time': wall / max(1, config.steps - 1),
     'first_step_time': first_step_time,
     'total_steps': config.steps,
+    'batch_size': config.batch_size,
+    'tokens_per_step': config.batch_size * config.context,
+    'num_params': num_params,
+    'routing': routing,
+    'data': corpus.source,
     'mesh': config.mesh,
-    'param_shardings': layouts,
+    **placement,
   }
   if workdir is not None:
     out = pathlib.Path(workdir)
@@ -358,8 +389,17 @@ def train_and_evaluate(
   return result
 
 
-def scale_budget(config: Config, fraction: float) -> Config:
-  steps = max(1, int(round(config.steps * fraction)))
-  return dataclasses.replace(
-    config, steps=steps, eval_every=min(config.eval_every, steps)
-  )
+def layer_metrics(optimizer: nnx.Optimizer) -> dict[str, dict[str, float]]:
+  """Per Muon layer: orthogonality error and update RMS ÷ weight RMS.
+
+  Needs `optimizer_kwargs={'diagnostics': True}` with `muon`.
+  """
+  metrics = muon_optax.diagnostics(optimizer.opt_state)
+  return {
+    path: {
+      'orthogonality_error': float(m['orthogonality_error']),
+      'update_to_weight_rms': float(m['update_to_weight_rms']),
+    }
+    for path, m in metrics.items()
+    if 'orthogonality_error' in m
+  }

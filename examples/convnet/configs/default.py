@@ -1,0 +1,114 @@
+"""Default hyperparameters: the ConvNet on CIFAR-10 (set `data` to it).
+
+A frozen dataclass stands in for `ml_collections.ConfigDict`, which this
+project does not depend on: `get_config().replace(epochs=8)` in code,
+`--config.epochs=8` on the command line (`Config.override`).
+"""
+
+import ast
+import dataclasses
+import types
+import typing
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Everything one run needs.
+
+  Attributes:
+    data: a folder with `train/<class>/*.jpg` (and `test/`), or
+      `train.tar.gz`/`test.tar.gz`, or `cifar-10-batches-py/`; None: the
+      digits bundled with scikit-learn (no download).
+    cache_dir: where decoded images are cached as `.npy`; None:
+      `$MUON_OPTAX_CACHE` or `~/.cache/muon_optax`.
+    test_size: when the data has no test split, training images held out as
+      one (before the validation split); None: a fifth, at most 10,000.
+    val_size: training images held out for validation (the learning-rate
+      choice); the test split is never used for it.
+    train_size: a fixed subset of the remaining images to train on; None
+      keeps them all.
+    flip: random horizontal flips.
+    translate: random translations by up to this many pixels.
+    widths: stem width, then one conv group per further width.
+    optimizer: `muon`, `adamw`, `nadamw`, `sgd` or `optax_muon`.
+    optimizer_kwargs: more keyword arguments of the optimizer, e.g.
+      `{'beta': 0.6}` for `muon`.
+    learning_rate: peak learning rate.
+    warmup_fraction: linear warm-up over this fraction of the steps, then
+      linear decay to 0.
+    batch_size: training batch size.
+    epochs: training epochs over the training split.
+    seed: initialization, shuffling and augmentation seed.
+    evals_per_epoch: validation points per epoch.
+    eval_batch_size: evaluation batch size.
+  """
+
+  data: str | None = None
+  cache_dir: str | None = None
+  test_size: int | None = None
+  val_size: int = 5000
+  train_size: int | None = None
+  flip: bool = True
+  translate: int = 2
+  widths: tuple[int, ...] = (24, 32, 64, 128)
+  optimizer: str = 'muon'
+  optimizer_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+  learning_rate: float = 0.01
+  warmup_fraction: float = 0.1
+  batch_size: int = 128
+  epochs: float = 8.0
+  seed: int = 0
+  evals_per_epoch: int = 4
+  eval_batch_size: int = 500
+
+  def replace(self, **changes: Any) -> 'Config':
+    return dataclasses.replace(self, **changes)
+
+  def override(self, assignments: typing.Sequence[str]) -> 'Config':
+    """A copy with `FIELD=VALUE` strings applied, parsed by field type."""
+    hints = typing.get_type_hints(type(self))
+    changes = {}
+    for item in assignments:
+      name, sep, text = item.partition('=')
+      if not sep or name not in hints:
+        raise ValueError(
+          f'Expected FIELD=VALUE with FIELD one of {sorted(hints)}, got '
+          f'{item!r}.'
+        )
+      changes[name] = _parse(name, hints[name], text)
+    return dataclasses.replace(self, **changes)
+
+
+def _parse(name: str, annotation: Any, text: str) -> Any:
+  """`text` as a value of type `annotation` (bool, int, float, str, None,
+  tuples of int, dicts)."""
+  options = [annotation]
+  if isinstance(annotation, types.UnionType):
+    options = list(typing.get_args(annotation))
+  if type(None) in options and text.lower() == 'none':
+    return None
+  kind = next(a for a in options if a is not type(None))
+  origin = typing.get_origin(kind) or kind
+  try:
+    if origin is bool:
+      if text.lower() not in ('true', 'false', '1', '0'):
+        raise ValueError(text)
+      return text.lower() in ('true', '1')
+    if origin is tuple:
+      return tuple(int(v) for v in text.split(',') if v)
+    if origin is dict:
+      value = ast.literal_eval(text)
+      if not isinstance(value, dict):
+        raise ValueError(text)
+      return value
+    return origin(text)
+  except (ValueError, SyntaxError):
+    raise ValueError(
+      f'`{name}` takes a {getattr(kind, "__name__", kind)}, got {text!r}.'
+    ) from None
+
+
+def get_config() -> Config:
+  """The CIFAR-10 ConvNet: airbench-style, 295k parameters, 8 epochs."""
+  return Config()

@@ -1,0 +1,85 @@
+"""Runs the ResNet example on a tiny config, in seconds."""
+
+import json
+import math
+import pathlib
+import sys
+
+from flax import nnx
+import jax
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from resnet import main  # noqa: E402
+from resnet import models  # noqa: E402
+from resnet import train  # noqa: E402
+from resnet.configs import tiny  # noqa: E402
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def _tiny(**changes):
+  return tiny.get_config().replace(
+    epochs=1.0, train_size=256, stage_sizes=(1, 1), **changes
+  )
+
+
+def test_train_and_evaluate(tmp_path):
+  result = train.train_and_evaluate(_tiny(learning_rate=0.01), tmp_path)
+  assert json.loads((tmp_path / 'result.json').read_text()) == result
+  assert result['optimizer'] == 'muon' and result['total_steps'] == 4
+  assert [h['step'] for h in result['history']] == [2, 4]
+  assert math.isfinite(result['history'][-1]['train_loss'])
+  assert 0.0 <= result['final']['test_accuracy'] <= 1.0
+
+
+def test_main_reads_config_file_and_overrides(tmp_path):
+  result = main.main(
+    [
+      f'--workdir={tmp_path}',
+      f'--config={pathlib.Path(tiny.__file__)}',
+      '--config.stage_sizes=1,1',
+      '--config.epochs=0.5',
+      '--config.train_size=256',
+      '--config.optimizer=adamw',
+    ]
+  )
+  assert result['optimizer'] == 'adamw' and result['total_steps'] == 2
+
+
+def _resnet_params(width, stage_sizes, num_classes=10):
+  """Parameter count of a CIFAR ResNet, from the architecture's definition."""
+  count = 27 * width + 2 * width  # 3x3 stem on RGB, its BatchNorm
+  in_features = width
+  for i, size in enumerate(stage_sizes):
+    f = width * 2**i
+    for _ in range(size):
+      count += 9 * in_features * f + 9 * f * f + 2 * 2 * f
+      if in_features != f:  # 1x1 projection shortcut and its BatchNorm
+        count += in_features * f + 2 * f
+      in_features = f
+  return count + in_features * num_classes + num_classes
+
+
+@pytest.mark.parametrize('width', [16, 64])
+def test_resnet18_parameter_count(width):
+  model = nnx.eval_shape(
+    lambda: models.ResNet(10, width=width, rngs=nnx.Rngs(0))
+  )
+  count = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  assert count == _resnet_params(width, (2, 2, 2, 2))
+  assert train.count_params(model) == count
+
+
+def test_projection_shortcuts_where_the_shape_changes():
+  model = nnx.eval_shape(lambda: models.ResNet(10, width=4, rngs=nnx.Rngs(0)))
+  projected = [b.shortcut is not None for b in model.blocks]
+  assert projected == [False, False, True, False, True, False, True, False]
+  assert model.blocks[2].shortcut.kernel.shape == (1, 1, 4, 8)
+
+
+def test_input_pipeline_is_the_convnets():
+  """The two examples share their splits; each carries its own copy."""
+  here = (HERE / 'input_pipeline.py').read_text()
+  assert here == (HERE.parent / 'convnet/input_pipeline.py').read_text()
