@@ -93,7 +93,8 @@ def module_rules(
     if not isinstance(sub, nnx.Module):
       continue
     prefix = '/'.join(str(p) for p in mpath)
-    is_head = bool(mpath) and _rules.matches(str(mpath[-1]), head_names)
+    # Any enclosing layer named as a head: a head may be a Sequential.
+    is_head = any(_rules.matches(str(p), head_names) for p in mpath)
     for name, var in vars(sub).items():
       if not isinstance(var, nnx.Param):
         continue

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Mapping
 import fnmatch
+import re
 from typing import Any
 from typing import TypeVar
 
@@ -92,9 +93,10 @@ def match_pattern(patterns: Mapping[str, T], path: str) -> tuple[str, T] | None:
   """The first `fnmatch` pattern (in the mapping's order) matching `path`.
 
   A pattern matches the whole path (`'*/head/*'`) or, when it holds no '/',
-  any single path component (`'head'`, `'Conv_*'`).
+  any single path component (`'head'`, `'Conv_*'`); the '.' of
+  PyTorch-style keys (`'fc.weight'`) separates components too.
   """
-  parts = path.split('/')
+  parts = re.split(r'[/.]', path)
   for pattern, value in patterns.items():
     if fnmatch.fnmatchcase(path, pattern):
       return pattern, value

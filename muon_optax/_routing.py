@@ -56,6 +56,8 @@ class Routing:
   labels: Any
   views: Any
   reasons: Any
+  # The params' shapes and dtypes (`jax.ShapeDtypeStruct`s), for `describe`.
+  shapes: Any = None
 
   def by_path(self) -> dict[str, Rule]:
     """`{path: Rule(label, view, why)}`, paths as the rest of muon_optax.
@@ -249,7 +251,11 @@ def _tree_like(params_or_module: Any, values: Mapping[str, Any]) -> Any:
 def routing(params_or_module: Any, **kwargs: Any) -> Routing:
   """The rule-based routing (`param_labels`'s rules) as a `Routing`."""
   rules = route(params_or_module, **kwargs)
+  tree = params_tree(params_or_module)
   return Routing(
+    shapes=jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree
+    ),
     labels=_tree_like(params_or_module, {p: r.label for p, r in rules.items()}),
     views=_tree_like(params_or_module, {p: r.view for p, r in rules.items()}),
     reasons=_tree_like(params_or_module, {p: r.why for p, r in rules.items()}),
@@ -501,7 +507,12 @@ def describe(
   """
   if isinstance(params_or_module, Routing):
     given = params_or_module
-    params = params_or_module.labels
+    if given.shapes is None:
+      raise TypeError(
+        'This Routing holds no shapes: pass the params first, '
+        '`describe(params, routing)`.'
+      )
+    params = given.shapes
     rules = given.by_path()
     param_labels = param_labels if param_labels is not None else given
     matrix_views = matrix_views if matrix_views is not None else given

@@ -27,11 +27,13 @@ HEAD_NAMES: tuple[str, ...] = (
   'lm_head',
   '*_head',
   'classifier',
-  'logits',
+  'logit*',
   'output_layer',
+  'output_projection',
+  'fc',  # torchvision's ResNet head; its MLPs say fc1, fc2, c_fc
 )
 #: Path components (fnmatch, case-insensitive) that mark an embedding table.
-EMBED_NAMES: tuple[str, ...] = ('*embed*', 'wte', 'wpe')
+EMBED_NAMES: tuple[str, ...] = ('*embed*', '*_emb', 'emb', 'wte', 'wpe')
 #: timm's rule for matrices too thin for Muon (pytorch-image-models #2580).
 MIN_SIDE = 4
 MAX_ASPECT = 128
@@ -50,6 +52,12 @@ class Rule(NamedTuple):
   label: str
   view: MatrixView | None
   why: str
+
+
+def components(path: str) -> list[str]:
+  """A path's names: split on '/' and on the '.' of PyTorch-style keys
+  (`'lm_head.weight'` is the layer `lm_head` and the leaf `weight`)."""
+  return re.split(r'[/.]', path)
 
 
 def matches(component: str, names: Iterable[str]) -> bool:
@@ -81,7 +89,7 @@ def shape_view(path: str, shape: tuple[int, ...]) -> tuple[MatrixView, str]:
   identifies).
   """
   ndim = len(shape)
-  parts = path.split('/')
+  parts = components(path)
   name = parts[-1]
   owner = parts[-2] if len(parts) >= 2 else ''
   if name in _OUT_IN_NAMES:
@@ -109,7 +117,7 @@ def name_rule(
   embed_names: Sequence[str],
 ) -> Rule:
   """The rule for one plain-tree leaf (before degenerate checks)."""
-  parts = path.split('/')
+  parts = components(path)
   own = shape[1:] if stacked else shape
   if len(own) < 2:
     return Rule(ADAM, None, 'not a matrix')

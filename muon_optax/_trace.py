@@ -910,4 +910,5 @@ def trace_routing(
     labels=jax.tree.unflatten(out_def, [d[0] for d in decided]),
     views=jax.tree.unflatten(out_def, [d[1] for d in decided]),
     reasons=jax.tree.unflatten(out_def, [d[2] for d in decided]),
+    shapes=jax.tree.unflatten(out_def, structs),
   )

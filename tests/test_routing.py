@@ -399,3 +399,37 @@ def test_describe_says_when_the_rules_had_to_guess():
     'head': params['Dense_1'],
   }
   assert 'note:' not in muon_optax.describe(named)
+
+
+def test_pytorch_style_dotted_keys():
+  params = {
+    'conv1.weight': jnp.zeros((64, 3, 7, 7)),
+    'layer1.0.conv1.weight': jnp.zeros((64, 64, 3, 3)),
+    'fc.weight': jnp.zeros((10, 512)),
+    'lm_head.weight': jnp.zeros((100, 64)),
+    'tok_emb.weight': jnp.zeros((100, 64)),
+  }
+  labels = muon_optax.param_labels(params)
+  assert labels == {
+    'conv1.weight': 'muon',
+    'layer1.0.conv1.weight': 'muon',
+    'fc.weight': 'adam',
+    'lm_head.weight': 'adam',
+    'tok_emb.weight': 'adam',
+  }
+  views = muon_optax.matrix_views(params)
+  shape = views['layer1.0.conv1.weight'].resolve((64, 64, 3, 3)).matrix_shape
+  assert shape == (576, 64)  # (in·kh·kw, out) from the (out, in, kh, kw) layout
+  relabelled = muon_optax.param_labels(params, overrides={'lm_head': 'muon'})
+  assert relabelled['lm_head.weight'] == 'muon'
+
+
+def test_describe_a_routing_alone():
+  params = {'w1': jnp.zeros((8, 16)), 'w2': jnp.zeros((16, 10))}
+  x = jax.ShapeDtypeStruct((4, 8), jnp.float32)
+  routing = muon_optax.trace_routing(
+    lambda p, x: jax.nn.relu(x @ p['w1']) @ p['w2'], params, x
+  )
+  text = muon_optax.describe(routing)
+  assert 'w1    (8, 16)   muon   8x16' in text
+  assert text == muon_optax.describe(params, routing)
