@@ -1,9 +1,8 @@
 """`normuon` on 8 emulated devices, run in its own process.
 
 Like tests/sharding_checks.py: the device count is fixed when jax starts,
-so tests/test_normuon.py runs this file with
-`XLA_FLAGS=--xla_force_host_platform_device_count=8` and reads the JSON it
-prints. For each way a mesh reaches the optimizer (`explicit` and `auto`
+so tests/test_normuon.py runs this file, which asks for 8 CPU devices
+before any JAX use, in a process of its own and reads the JSON it prints. For each way a mesh reaches the optimizer (`explicit` and `auto`
 axes with `jax.set_mesh`, `trap`: `device_put` parameters and a plain `jit`,
 `mesh_arg`: `muon`'s `mesh=`; all by default, or those named on the command
 line), two steps on FSDP-sharded parameters are compared with one device,
@@ -12,7 +11,6 @@ without a second compile.
 """
 
 import json
-import os
 import sys
 
 import jax
@@ -118,17 +116,14 @@ def check(mode, want):
 
 def main():
   if jax.device_count() < 8:
-    raise SystemExit(
-      'needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8'
-    )
+    raise SystemExit('needs 8 CPU devices: run this file as a script')
   modes = sys.argv[1:] or ['explicit', 'auto', 'trap', 'mesh_arg']
   updates, _, state, _ = _steps(_tx(), _tree(0), [_tree(1), _tree(2)])
   print(json.dumps({m: check(m, (updates, state)) for m in modes}, indent=1))
 
 
 if __name__ == '__main__':
-  flag = '--xla_force_host_platform_device_count=8'
-  if flag not in os.environ.get('XLA_FLAGS', ''):
-    os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {flag}'
-  os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+  # Before any JAX use: the device count is read when the backend starts.
+  jax.config.update('jax_platforms', 'cpu')
+  jax.config.update('jax_num_cpu_devices', 8)
   main()

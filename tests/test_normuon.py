@@ -357,17 +357,10 @@ def test_eight_devices_equal_one_and_keep_shardings():
   layers) on 8 emulated devices, in a process of its own: explicit axes
   with `jax.set_mesh`, and `device_put` params with a plain `jit` (the
   script also runs auto axes and `mesh=`)."""
-  env = dict(os.environ)
-  env['XLA_FLAGS'] = (
-    f'{env.get("XLA_FLAGS", "")} --xla_force_host_platform_device_count=8'
-  )
-  env['JAX_PLATFORMS'] = 'cpu'
-  env['PYTHONPATH'] = os.pathsep.join(
-    p for p in (str(SCRIPT.parent.parent), env.get('PYTHONPATH')) if p
-  )
+  path = [str(SCRIPT.parent.parent), os.environ.get('PYTHONPATH')]
   proc = subprocess.run(
     [sys.executable, str(SCRIPT), *SHARDING_MODES],
-    env=env,
+    env={**os.environ, 'PYTHONPATH': os.pathsep.join(p for p in path if p)},
     capture_output=True,
     text=True,
     timeout=600,
