@@ -11,6 +11,7 @@ import optax
 from muon_optax import _checks
 from muon_optax import _distributed
 from muon_optax import _routing
+from muon_optax import _views
 
 DEFAULT_B2 = 0.95
 DEFAULT_EPS = 1e-8
@@ -34,7 +35,9 @@ def _v_dtype(dtype: Any) -> np.dtype:
   return np.dtype(jnp.promote_types(real, jnp.float32))
 
 
-def _v_spec(spec: Any, view: Any) -> jax.sharding.PartitionSpec:
+def _v_spec(
+  spec: jax.sharding.PartitionSpec, view: _views.ResolvedView
+) -> jax.sharding.PartitionSpec:
   """`v`'s layout from the leaf's: its batch and output axes', where each
   is a single axis (more would merge split axes), else replicated."""
   spec = tuple(spec) + (None,) * (len(view.shape) - len(spec))
@@ -42,7 +45,7 @@ def _v_spec(spec: Any, view: Any) -> jax.sharding.PartitionSpec:
   return jax.sharding.PartitionSpec(one(view.batch_axes), one(view.output_axes))
 
 
-def _zeros_v(x: Any, view: Any) -> jax.Array:
+def _zeros_v(x: Any, view: _views.ResolvedView) -> jax.Array:
   """The initial `(num_matrices, fan_out)` moment of the leaf `x`.
 
   Laid out like `x`'s batch and output axes when `x` is laid out over
