@@ -3,6 +3,7 @@
 import importlib
 
 from muon_optax._alias import muon
+from muon_optax._alias import normuon
 from muon_optax._coeffs import resolve_ns_coeffs
 from muon_optax._diagnostics import UpdateStatsState
 from muon_optax._diagnostics import diagnostics
@@ -10,6 +11,8 @@ from muon_optax._diagnostics import record_update_stats
 from muon_optax._metrics import orthogonality_error
 from muon_optax._newton_schulz import default_compute_dtype
 from muon_optax._newton_schulz import orthogonalize
+from muon_optax._normuon import NorMuonState
+from muon_optax._normuon import scale_by_normuon
 from muon_optax._qk_clip import QKClipState
 from muon_optax._qk_clip import qk_clip
 from muon_optax._routing import Routing
@@ -46,6 +49,7 @@ __all__ = (
   'MatrixView',
   'MaxLogit',
   'MuonState',
+  'NorMuonState',
   'QKClipState',
   'Routing',
   'UpdateStatsState',
@@ -58,6 +62,7 @@ __all__ = (
   'matrix_views',
   'max_logit_attention',
   'muon',
+  'normuon',
   'orthogonality_error',
   'orthogonalize',
   'param_labels',
@@ -65,6 +70,7 @@ __all__ = (
   'record_update_stats',
   'resolve_ns_coeffs',
   'scale_by_muon',
+  'scale_by_normuon',
   'scale_by_shape',
   'trace_routing',
 )
