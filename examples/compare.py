@@ -409,7 +409,9 @@ def summarize(results: dict[str, Any]) -> str:
     f'{results["budget"]}. {seeds} seed(s) per optimizer; each learning '
     f'rate chosen on seed 0 by the final validation `{task.metric}` after '
     f'{results.get("tune_budget", 1.0):g}× the budget; `{final_key}` is '
-    'measured once, at the end.',
+    'measured once, at the end. Step times are per run, one run after '
+    'another (training steps only); under shared load, `--step-times` '
+    'interleaves the optimizers for a fairer ratio.',
     '',
   ]
   cols = [
