@@ -275,7 +275,9 @@ def task_config(args: argparse.Namespace) -> Any:
     args.config or HERE / args.task / 'configs' / f'{name}.py'
   )
   budget = TASKS[args.task].budget
-  changes: dict[str, Any] = {'data': args.data}
+  changes: dict[str, Any] = {}
+  if args.data is not None:
+    changes['data'] = args.data
   if args.epochs is not None:
     if budget != 'epochs':
       raise SystemExit(
@@ -827,7 +829,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
   results = {
     'task': args.task,
-    'data': args.data or task.embedded,
+    'data': config.data or task.embedded,
     'budget': _describe_budget(task, config, runs[0]),
     'num_params': runs[0]['num_params'],
     'config': dataclasses.asdict(config),
