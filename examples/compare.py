@@ -84,8 +84,8 @@ DEFAULT_GRIDS = {
     'muon': (1e-2, 2e-2, 4e-2),
     'adamw': (3e-3, 1e-2, 3e-2),
     'nadamw': (3e-3, 1e-2, 3e-2),
-    'sgd': (0.1, 0.3, 1.0),
-    'optax_muon': (3e-3, 1e-2, 3e-2),
+    'sgd': (0.03, 0.1, 0.3),
+    'optax_muon': (1e-2, 3e-2, 1e-1),
   },
 }
 
