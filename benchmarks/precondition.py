@@ -50,16 +50,16 @@ def _polar(x: np.ndarray) -> np.ndarray:
 def errors(shape, kinds, seeds):
   rows = []
   for kind in kinds:
+    inputs = [_matrix(kind, *shape, seed) for seed in seeds]
+    polars = [_polar(x) for x in inputs]
     for preset in PRESETS:
       for pre in ('frobenius', 'aol'):
         for steps in STEPS:
           errs = []
-          for seed in seeds:
-            x = _matrix(kind, *shape, seed)
+          for x, p in zip(inputs, polars, strict=True):
             o = muon_optax.orthogonalize(
               x, preset, steps, preconditioning=pre, compute_dtype=jnp.float32
             )
-            p = _polar(x)
             d = np.asarray(o, np.float64) - p
             errs.append(float(np.linalg.norm(d) / np.linalg.norm(p)))
           rows.append(
