@@ -1,0 +1,67 @@
+"""The examples route by their NNX modules' layer types
+(`param_labels=model`); on every example model that is exactly what
+`muon_optax.trace_routing` reads from the computation."""
+
+from convnet import models as convnet_models
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import pytest
+from resnet import models as resnet_models
+from transformer import models as transformer_models
+
+import muon_optax
+
+IMAGES = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+TOKENS = jax.ShapeDtypeStruct((2, 16), jnp.int32)
+
+MODELS = {
+  'convnet': (
+    lambda: convnet_models.ConvNet(10, (8, 16, 16), rngs=nnx.Rngs(0)),
+    IMAGES,
+  ),
+  'resnet': (
+    lambda: resnet_models.ResNet(10, width=8, rngs=nnx.Rngs(0)),
+    IMAGES,
+  ),
+  'transformer': (
+    lambda: transformer_models.Transformer(
+      256, 16, d_model=32, num_layers=2, num_heads=4, rngs=nnx.Rngs(0)
+    ),
+    TOKENS,
+  ),
+}
+
+
+def _flat(tree):
+  is_leaf = lambda v: v is None or isinstance(v, muon_optax.MatrixView)
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+  return {jax.tree_util.keystr(k): v for k, v in leaves}
+
+
+@pytest.mark.parametrize('name', sorted(MODELS))
+def test_module_rules_equal_the_traced_routing(name):
+  make, x = MODELS[name]
+  model = make()
+  model.eval()  # BatchNorm reads its running statistics: nothing mutates
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  traced = muon_optax.trace_routing(
+    lambda p, x: nnx.merge(graphdef, p, rest)(x), params, x
+  )
+  shapes = {k: v.shape for k, v in _flat(nnx.to_pure_dict(params)).items()}
+  labels, traced_labels = (
+    _flat(muon_optax.param_labels(model)),
+    _flat(traced.labels),
+  )
+  views, traced_views = (
+    _flat(muon_optax.matrix_views(model)),
+    _flat(traced.views),
+  )
+  assert labels == traced_labels
+  assert 'muon' in labels.values() and 'adam' in labels.values()
+  for path, label in labels.items():
+    if label == 'muon':
+      ours = views[path].resolve(shapes[path])
+      theirs = traced_views[path].resolve(shapes[path])
+      assert ours.matrix_shape == theirs.matrix_shape, path
+      assert ours.num_matrices == theirs.num_matrices, path
