@@ -38,7 +38,9 @@ import numpy as np
 import tqdm
 
 HERE = pathlib.Path(__file__).resolve().parent
-BASE_OPTIMIZERS = ('muon', 'adamw', 'nadamw', 'sgd', 'optax_muon')
+BASE_OPTIMIZERS = ('muon', 'adamw', 'nadamw', 'sgd', 'optax_muon', 'normuon')
+# Compared unless --optimizers says otherwise (normuon is opt-in).
+DEFAULT_OPTIMIZERS = BASE_OPTIMIZERS[:5]
 BASELINES = ('adamw', 'nadamw', 'sgd')  # what Muon must reach, in order
 
 
@@ -68,6 +70,7 @@ TASKS = {
 DEFAULT_GRIDS = {
   'convnet': {
     'muon': (0.02, 0.05, 0.1),
+    'normuon': (0.02, 0.05, 0.1),
     'adamw': (1e-2, 3e-2, 1e-1),
     'nadamw': (3e-3, 1e-2, 3e-2),
     'sgd': (0.05, 0.1, 0.2),
@@ -75,6 +78,7 @@ DEFAULT_GRIDS = {
   },
   'resnet': {
     'muon': (0.01, 0.02, 0.05),
+    'normuon': (0.01, 0.02, 0.05),
     'adamw': (1e-3, 3e-3, 1e-2),
     'nadamw': (1e-3, 3e-3, 1e-2),
     'sgd': (0.03, 0.1, 0.3),
@@ -82,6 +86,7 @@ DEFAULT_GRIDS = {
   },
   'transformer': {
     'muon': (1e-2, 2e-2, 4e-2),
+    'normuon': (1e-2, 2e-2, 4e-2),
     'adamw': (3e-3, 1e-2, 3e-2),
     'nadamw': (3e-3, 1e-2, 3e-2),
     'sgd': (0.03, 0.1, 0.3),
@@ -158,7 +163,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     help='a config file of the task; default: <task>/configs/default.py '
     'with --data, <task>/configs/tiny.py without.',
   )
-  p.add_argument('--optimizers', default=','.join(BASE_OPTIMIZERS))
+  p.add_argument('--optimizers', default=','.join(DEFAULT_OPTIMIZERS))
   p.add_argument(
     '--variant',
     nargs='+',

@@ -19,7 +19,7 @@ from convnet import models
 from convnet.configs import default
 import muon_optax
 
-OPTIMIZERS = ('muon', 'adamw', 'nadamw', 'sgd', 'optax_muon')
+OPTIMIZERS = ('muon', 'adamw', 'nadamw', 'sgd', 'optax_muon', 'normuon')
 
 
 def create_learning_rate_schedule(
@@ -53,6 +53,8 @@ def create_optimizer(
     )
     if name == 'muon':  # routing from the model: convs to Muon, the rest Adam
       return muon_optax.muon(schedule, param_labels=model, **kwargs)
+    if name == 'normuon':  # muon + NorMuon's per-neuron normalization
+      return muon_optax.normuon(schedule, param_labels=model, **kwargs)
     if name == 'adamw':
       return optax.adamw(schedule, **{'weight_decay': 0.0, **kwargs})
     if name == 'nadamw':

@@ -20,7 +20,7 @@ from transformer import input_pipeline
 from transformer import models
 from transformer.configs import default
 
-OPTIMIZERS = ('muon', 'adamw', 'nadamw', 'sgd', 'optax_muon')
+OPTIMIZERS = ('muon', 'adamw', 'nadamw', 'sgd', 'optax_muon', 'normuon')
 
 
 def create_learning_rate_schedule(
@@ -54,6 +54,8 @@ def create_optimizer(
     )
     if name == 'muon':  # routing from the model: embeddings, head to Adam
       return muon_optax.muon(schedule, param_labels=model, **kwargs)
+    if name == 'normuon':  # muon + NorMuon's per-neuron normalization
+      return muon_optax.normuon(schedule, param_labels=model, **kwargs)
     if name == 'adamw':
       return optax.adamw(schedule, **{'weight_decay': 0.0, **kwargs})
     if name == 'nadamw':
