@@ -5,7 +5,6 @@ Slow (minutes on a CPU), so outside the default suite:
   python -m pytest tests/test_stability.py -m slow -q -s
 """
 
-import dataclasses
 import math
 import pathlib
 import sys
@@ -15,8 +14,9 @@ import pytest
 _EXAMPLES = str(pathlib.Path(__file__).resolve().parents[1] / 'examples')
 
 STEPS = 2_000
-# The top of compare.py's muon grid for the Transformer: the least stable.
-LEARNING_RATE = 3e-2
+# The top of compare.py's muon grid for the Transformer on the embedded data
+# (tinyshakespeare's stops at 2e-2): the least stable.
+LEARNING_RATE = 4e-2
 
 
 @pytest.mark.slow
@@ -24,14 +24,16 @@ def test_transformer_example_2000_steps_stays_finite():
   if _EXAMPLES not in sys.path:
     sys.path.insert(0, _EXAMPLES)
   from transformer import train  # pylint: disable=g-import-not-at-top
+  from transformer.configs import default  # pylint: disable=g-import-not-at-top
 
-  config = dataclasses.replace(
-    train.Config(), steps=STEPS, eval_every=250, eval_windows=256
+  config = default.get_config().replace(
+    steps=STEPS,
+    eval_every=250,
+    eval_windows=256,
+    optimizer='muon',
+    learning_rate=LEARNING_RATE,
   )
-  corpus = train.load_data(None, config)
-  result = train.train_and_evaluate(
-    config, corpus, optimizer='muon', learning_rate=LEARNING_RATE
-  )
+  result = train.train_and_evaluate(config, None)
   history = result['history']
   for h in history:
     print(
