@@ -169,15 +169,10 @@ def _layer_rules(
 
 
 def module_rules(
-  module: eqx.Module,
-  *,
-  head_names: Sequence[str],
-  embed_names: Sequence[str],
+  module: eqx.Module, rules: dict[str, _rules.Rule], head_names: Sequence[str]
 ) -> dict[str, _rules.Rule]:
-  """Rules from the layer types; the plain-tree rules where none is known."""
-  rules = _rules.plain_rules(
-    params(module), stacked=(), head_names=head_names, embed_names=embed_names
-  )
+  """`rules` (the plain-tree ones) refined by the layer types."""
+  rules = dict(rules)
   known = (*_MATRIX_LAYERS, *_RECURRENT, *_VECTOR_LAYERS, eqx.nn.Embedding)
   named_head = False
   for mpath, sub in _modules(module):

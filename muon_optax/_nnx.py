@@ -80,15 +80,10 @@ def _layer_rule(module: Any, name: str, shape) -> _rules.Rule | None:
 
 
 def module_rules(
-  module: nnx.Module,
-  *,
-  head_names: Sequence[str],
-  embed_names: Sequence[str],
+  module: nnx.Module, rules: dict[str, _rules.Rule], head_names: Sequence[str]
 ) -> dict[str, _rules.Rule]:
-  """Rules from the layer types; the plain-tree rules where none is known."""
-  rules = _rules.plain_rules(
-    params(module), stacked=(), head_names=head_names, embed_names=embed_names
-  )
+  """`rules` (the plain-tree ones) refined by the layer types."""
+  rules = dict(rules)
   for mpath, sub in nnx.iter_graph(module):
     if not isinstance(sub, nnx.Module):
       continue

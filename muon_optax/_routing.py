@@ -188,26 +188,22 @@ def route(
     raise ValueError(f'`min_side` must be at least 1, got {min_side=}.')
   if not max_aspect >= 1:
     raise ValueError(f'`max_aspect` must be at least 1, got {max_aspect=}.')
+  if stacked and is_model(params_or_module):
+    raise ValueError(
+      '`stacked` is for plain trees; a model object shows stacked layers by '
+      'their shapes (the leading axes a layer does not own are a batch).'
+    )
+  # The shape-and-name rules, then, for a model object, its layer types.
+  rules = _rules.plain_rules(
+    params_tree(params_or_module),
+    stacked=stacked,
+    head_names=head_names,
+    embed_names=embed_names,
+  )
   if is_nnx_module(params_or_module):
-    if stacked:
-      raise ValueError(
-        '`stacked` is for plain trees; an NNX module shows stacked layers by '
-        'their shapes (the leading axes a layer does not own are a batch).'
-      )
-    rules = _nnx().module_rules(
-      params_or_module, head_names=head_names, embed_names=embed_names
-    )
+    rules = _nnx().module_rules(params_or_module, rules, head_names)
   elif is_model(params_or_module):
-    rules = _eqx().module_rules(
-      params_or_module, head_names=head_names, embed_names=embed_names
-    )
-  else:
-    rules = _rules.plain_rules(
-      params_or_module,
-      stacked=stacked,
-      head_names=head_names,
-      embed_names=embed_names,
-    )
+    rules = _eqx().module_rules(params_or_module, rules, head_names)
   tree = params_tree(params_or_module)
   shapes = {p: tuple(np.shape(x)) for p, x in _paths.leaves_with_paths(tree)}
   for path, (label, view, why) in rules.items():
