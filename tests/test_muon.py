@@ -313,3 +313,25 @@ def test_complex_parameters_get_unitary_updates():
   np.testing.assert_allclose(
     u['w'], -0.1 * scale * reference.polar_factor(w), atol=1e-5
   )
+
+
+def test_adaptive_matches_float64_numpy():
+  """`adaptive`: each orthogonalized matrix times ⟨U, O⟩, per matrix of the
+  view (here a stack of three)."""
+  rng = np.random.default_rng(8)
+  g = rng.standard_normal((3, 16, 24)).astype(np.float32)
+  tx = muon_optax.scale_by_muon(
+    'jordan',
+    5,
+    0.9,
+    nesterov=False,
+    adaptive=True,
+    matrix_views=muon_optax.MatrixView.dense(),
+  )
+  u, _ = tx.update({'w': g}, tx.init({'w': g}))
+  for i in range(3):
+    m = 0.1 * g[i].astype(np.float64)  # the first momentum, (1 - beta) G
+    o = reference.newton_schulz(m, reference.JORDAN_STEPS)
+    np.testing.assert_allclose(
+      u['w'][i], np.sum(m * o) * o, rtol=1e-4, atol=1e-5
+    )
