@@ -4,25 +4,41 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+import muon_optax
+
 
 class Block(nnx.Module):
   """Pre-norm causal self-attention and a GELU MLP, each residual."""
 
-  def __init__(self, d_model: int, num_heads: int, *, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    d_model: int,
+    num_heads: int,
+    *,
+    record_max_logits: bool = False,
+    rngs: nnx.Rngs,
+  ):
     self.attn_norm = nnx.LayerNorm(d_model, rngs=rngs)
+    # With `record_max_logits`, the attention also records each head's
+    # largest logit of the step (for `muon_optax.qk_clip`).
+    extra = {'attention_fn': muon_optax.max_logit_attention}
     self.attn = nnx.MultiHeadAttention(
       num_heads=num_heads,
       in_features=d_model,
       use_bias=False,
       decode=False,
       rngs=rngs,
+      **(extra if record_max_logits else {}),
     )
+    self.record_max_logits = record_max_logits
     self.mlp_norm = nnx.LayerNorm(d_model, rngs=rngs)
     self.mlp_in = nnx.Linear(d_model, 4 * d_model, rngs=rngs)
     self.mlp_out = nnx.Linear(4 * d_model, d_model, rngs=rngs)
 
   def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-    x = x + self.attn(self.attn_norm(x), mask=mask)
+    x = x + self.attn(
+      self.attn_norm(x), mask=mask, sow_weights=self.record_max_logits
+    )
     return x + self.mlp_out(nnx.gelu(self.mlp_in(self.mlp_norm(x))))
 
 
@@ -48,15 +64,22 @@ class Transformer(nnx.Module):
     d_model: int = 128,
     num_layers: int = 2,
     num_heads: int = 4,
+    record_max_logits: bool = False,
     rngs: nnx.Rngs,
   ):
     self.token_embed = nnx.Embed(vocab_size, d_model, rngs=rngs)
     self.pos_embed = nnx.Embed(context, d_model, rngs=rngs)
     self.blocks = nnx.List(
-      [Block(d_model, num_heads, rngs=rngs) for _ in range(num_layers)]
+      [
+        Block(
+          d_model, num_heads, record_max_logits=record_max_logits, rngs=rngs
+        )
+        for _ in range(num_layers)
+      ]
     )
     self.final_norm = nnx.LayerNorm(d_model, rngs=rngs)
     self.lm_head = nnx.Linear(d_model, vocab_size, use_bias=False, rngs=rngs)
+    self.record_max_logits = record_max_logits
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     positions = jnp.arange(tokens.shape[-1])

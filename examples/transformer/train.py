@@ -1,6 +1,7 @@
 """Trains and evaluates the byte-level Transformer (Flax NNX)."""
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -72,8 +73,17 @@ def create_optimizer(
       f'`optimizer` must be one of {OPTIMIZERS}, got {config.optimizer!r}.'
     )
 
-  make(config.learning_rate)  # bad names and kwargs fail here, not in jit
-  return optax.inject_hyperparams(make)(learning_rate=config.learning_rate)
+  def make_and_clip(learning_rate):
+    tx = make(learning_rate)
+    if config.qk_clip is None:
+      return tx
+    # Last, after the learning rate: it rescales the weights the update makes.
+    return optax.chain(tx, muon_optax.qk_clip(config.qk_clip))
+
+  make_and_clip(config.learning_rate)  # bad names and kwargs fail here
+  return optax.inject_hyperparams(make_and_clip)(
+    learning_rate=config.learning_rate
+  )
 
 
 def set_learning_rate(optimizer: nnx.Optimizer, learning_rate: float) -> None:
@@ -98,6 +108,7 @@ def _shared_optimizer(config, model, total_steps):
     total_steps,
     config.warmup_fraction,
     config.mesh,
+    config.qk_clip,
   )
   if key not in _OPTIMIZERS:
     _OPTIMIZERS[key] = create_optimizer(config, model, total_steps)
@@ -111,6 +122,7 @@ def create_model(config: default.Config) -> models.Transformer:
     d_model=config.d_model,
     num_layers=config.num_layers,
     num_heads=config.num_heads,
+    record_max_logits=config.record_max_logits or config.qk_clip is not None,
     rngs=nnx.Rngs(config.seed),
   )
 
@@ -120,7 +132,10 @@ def count_params(model: nnx.Module) -> int:
 
 
 def loss_fn(model: models.Transformer, x: jax.Array, y: jax.Array):
-  logits = model(x)
+  if model.record_max_logits:  # the recording layers run under a capture
+    logits, _ = muon_optax.capture_max_logits(model)(x)
+  else:
+    logits = model(x)
   return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
@@ -129,6 +144,28 @@ def train_step(model, optimizer, x, y):
   loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)
   optimizer.update(model, grads)
   return loss
+
+
+def _loss_and_max_logits(model, x, y):
+  logits, max_logits = muon_optax.capture_max_logits(model)(x)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), (
+    max_logits
+  )
+
+
+@nnx.jit(static_argnames='clip')
+def train_step_with_max_logits(model, optimizer, x, y, *, clip):
+  """`train_step` that also returns the step's largest attention logit, and
+  with `clip` hands every head's to the optimizer (`muon_optax.qk_clip`)."""
+  (loss, max_logits), grads = nnx.value_and_grad(
+    _loss_and_max_logits, has_aux=True
+  )(model, x, y)
+  if clip:
+    optimizer.update(model, grads, max_logits=max_logits)
+  else:
+    optimizer.update(model, grads)
+  top = jnp.max(jnp.stack([jnp.max(v) for v in max_logits.values()]))
+  return loss, top
 
 
 def sharded_train_step(param_shardings: Any, state_shardings: Any):
@@ -243,9 +280,20 @@ def create_train_state(
   """
   model = create_model(config)
   tx = _shared_optimizer(config, model, config.steps)
+  recording = config.record_max_logits or config.qk_clip is not None
+  if recording and mesh is not None:
+    raise ValueError(
+      '`qk_clip` and `record_max_logits` run on one device in this example; '
+      'unset `mesh`.'
+    )
   if mesh is None:
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     set_learning_rate(optimizer, config.learning_rate)
+    if recording:
+      step = functools.partial(
+        train_step_with_max_logits, clip=config.qk_clip is not None
+      )
+      return model, optimizer, nnx.cached_partial(step, model, optimizer)
     return model, optimizer, nnx.cached_partial(train_step, model, optimizer)
   params, param_shardings = shard(
     nnx.as_pure(nnx.state(model, nnx.Param)), mesh
@@ -321,19 +369,22 @@ def train_and_evaluate(
       config.context,
       np.random.default_rng(config.seed),
     )
-    history, losses = [], []
+    history, losses, max_logits = [], [], []
     wall, first_step_time = 0.0, 0.0
     for step in range(1, config.steps + 1):
       x, y = next(data)
       t0 = time.perf_counter()
-      loss = step_fn(x, y)
-      loss.block_until_ready()
+      out = step_fn(x, y)
+      jax.block_until_ready(out)
+      loss, max_logit = out if isinstance(out, tuple) else (out, None)
       dt = time.perf_counter() - t0
       if step == 1:
         first_step_time = dt  # compiles, unless an earlier run did
       else:
         wall += dt
       losses.append(loss)
+      if max_logit is not None:
+        max_logits.append(float(max_logit))
       if step % config.eval_every == 0 or step == config.steps:
         val_loss = evaluate(model, val, eval_bs)
         history.append(
@@ -346,6 +397,9 @@ def train_and_evaluate(
           }
         )
         losses.clear()
+        if max_logits:  # the largest attention logit since the last point
+          history[-1]['max_logit'] = max(max_logits)
+          max_logits.clear()
         if diagnostics:
           history[-1]['layers'] = layer_metrics(optimizer)
         logging.info(

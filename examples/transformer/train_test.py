@@ -173,3 +173,18 @@ def test_fsdp_sharding_picks_the_largest_divisible_axis():
   assert spec4((256, 6)) == ('fsdp', None)
   assert spec4((6, 10)) == (None, None)  # no axis divisible by 4
   assert spec4((3, 8, 2)) == (None, 'fsdp', None)
+
+
+def test_qk_clip_flag_records_and_caps_the_logits():
+  """At a learning rate where muon's logits grow, the recorded maxima with
+  QK-Clip stay near the threshold (one update of lag) and below the run
+  without it."""
+  base = _tiny(optimizer='muon', learning_rate=0.3).replace(steps=12)
+  free = train.train_and_evaluate(base.replace(record_max_logits=True), None)
+  free_max = [h['max_logit'] for h in free['history']]
+  tau = 0.5 * free_max[0]
+  clipped = train.train_and_evaluate(base.replace(qk_clip=tau), None)
+  clipped_max = [h['max_logit'] for h in clipped['history']]
+  assert max(free_max) > 2 * tau  # the logits do grow without the clip
+  assert max(clipped_max[1:]) < max(free_max[1:])
+  assert all(math.isfinite(v) for v in clipped_max)

@@ -37,6 +37,11 @@ class Config:
     eval_windows: validation (and test) windows: non-overlapping, from the
       start of each split.
     eval_batch_size: windows per evaluation batch.
+    qk_clip: QK-Clip's threshold τ (`muon_optax.qk_clip`, after any
+      optimizer): heads whose largest attention logit of a step exceeds it
+      get their query and key kernels rescaled. None: off.
+    record_max_logits: record the largest attention logit of every step
+      (in the history as `max_logit`; on with `qk_clip`).
     mesh: `(data, fsdp)` device mesh shape, e.g. `(2, 4)`: batches split
       over all devices, every parameter and optimizer-state leaf sharded on
       its largest axis divisible by `fsdp`. None: one device.
@@ -58,6 +63,8 @@ class Config:
   eval_every: int = 100
   eval_windows: int = 512
   eval_batch_size: int = 128
+  qk_clip: float | None = None
+  record_max_logits: bool = False
   mesh: tuple[int, int] | None = None
 
   def replace(self, **changes: Any) -> 'Config':
