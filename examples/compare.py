@@ -2,7 +2,7 @@ r"""Optimizers compared on the examples: a learning-rate grid, seeds, plots.
 
   python examples/compare.py [--task {convnet,resnet,transformer}]
       [--data PATH] [--optimizers muon,adamw,nadamw,sgd,optax_muon]
-      [--variant NAME=BASE:KEY=VALUE,...] [--seeds N]
+      [--variant NAME=BASE:KEY=VALUE,...] [--seeds N] [--first-seed K]
       [--epochs E | --steps S] [--train-size N] [--lr-grid NAME=LR,LR ...]
       [--tune-budget F] [--set FIELD=VALUE ...] [--mesh DATA,FSDP]
       [--out DIR] [--merge DIR ...]
@@ -42,6 +42,9 @@ BASE_OPTIMIZERS = ('muon', 'adamw', 'nadamw', 'sgd', 'optax_muon', 'normuon')
 # Compared unless --optimizers says otherwise (normuon is opt-in).
 DEFAULT_OPTIMIZERS = BASE_OPTIMIZERS[:5]
 BASELINES = ('adamw', 'nadamw', 'sgd')  # what Muon must reach, in order
+# Rows of these optimizers get "to reach" figures: against the baselines,
+# and (all but the row named muon) against the row named muon.
+OURS = ('muon', 'normuon')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +109,12 @@ def _literal(text: str) -> Any:
 
 
 def _parse_variants(items: Sequence[str]) -> dict[str, tuple[str, dict]]:
-  """`NAME=BASE:KEY=VALUE,...` -> {NAME: (BASE, kwargs)}."""
+  """`NAME=BASE:KEY=VALUE,...` -> {NAME: (BASE, kwargs)}.
+
+  A key `config.FIELD` sets a field of the task's config for this row only
+  (e.g. `muon_qkclip=muon:config.qk_clip=30.0`); the others are keyword
+  arguments of the optimizer.
+  """
   variants = {}
   for item in items:
     name, sep, spec = item.partition('=')
@@ -127,6 +135,29 @@ def _parse_variants(items: Sequence[str]) -> dict[str, tuple[str, dict]]:
       kwargs[key] = _literal(value)
     variants[name] = (base, kwargs)
   return variants
+
+
+def _row_config(config: Any, base: str, kwargs: dict[str, Any]) -> Any:
+  """`config` set up for one row: its optimizer, the optimizer's keyword
+  arguments, and the row's own `config.FIELD` values."""
+  fields = {
+    k.removeprefix('config.'): v
+    for k, v in kwargs.items()
+    if k.startswith('config.')
+  }
+  allowed = {f.name for f in dataclasses.fields(config)} - set(_HARNESS_FIELDS)
+  for field in fields:
+    if field not in allowed:
+      raise SystemExit(
+        f'--variant: a row may set config.FIELD with FIELD one of '
+        f'{sorted(allowed)}, got config.{field}.'
+      )
+  optimizer_kwargs = {
+    k: v for k, v in kwargs.items() if not k.startswith('config.')
+  }
+  return config.replace(
+    optimizer=base, optimizer_kwargs=optimizer_kwargs, **fields
+  )
 
 
 def _parse_grid(
@@ -173,6 +204,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     "muon_beta0.6=muon:beta=0.6 (its grid is BASE's unless --lr-grid).",
   )
   p.add_argument('--seeds', type=int, default=2)
+  p.add_argument(
+    '--first-seed',
+    type=int,
+    default=0,
+    help='run seeds FIRST..FIRST+SEEDS-1 and search on FIRST: more seeds '
+    'of an earlier invocation, to --merge with it.',
+  )
   budget = p.add_mutually_exclusive_group()
   budget.add_argument('--epochs', type=float, default=None)
   budget.add_argument('--steps', type=int, default=None)
@@ -386,11 +424,11 @@ def analyze(results: dict[str, Any]) -> dict[str, Any]:
     }
   reach = {}
   for name, runs in rows.items():
-    if runs[0]['optimizer'] != 'muon':
+    if runs[0]['optimizer'] not in OURS:
       continue
     reach[name] = {}
-    for base in BASELINES:
-      if base not in rows:
+    for base in (*BASELINES, 'muon'):
+      if base not in rows or base == name:
         continue
       target = table[base][task.metric][0]
       hit = to_reach(runs, task.metric, task.higher_is_better, target)
@@ -414,7 +452,8 @@ def summarize(results: dict[str, Any]) -> str:
     '',
     f'Model: {results["num_params"]:,} parameters. Budget: '
     f'{results["budget"]}. {seeds} seed(s) per optimizer; each learning '
-    f'rate chosen on seed 0 by the final validation `{task.metric}` after '
+    f'rate chosen on seed {results.get("search_seed", 0)} by the final '
+    f'validation `{task.metric}` after '
     f'{results.get("tune_budget", 1.0):g}× the budget; `{final_key}` is '
     'measured once, at the end. Step times are per run, one run after '
     'another (training steps only); under shared load, `--step-times` '
@@ -442,12 +481,16 @@ def summarize(results: dict[str, Any]) -> str:
     ]
     lines.append('| ' + ' | '.join(cells) + ' |')
   if any(a['reach'].values()):
-    bases = [b for b in BASELINES if b in table]
+    bases = [
+      b
+      for b in (*BASELINES, 'muon')
+      if any(b in hits for hits in a['reach'].values())
+    ]
     lines += [
       '',
-      f"{unit.capitalize()}s for Muon's seed-mean validation `{task.metric}` "
-      "to first reach each baseline's final mean (× that baseline's "
-      f'{unit}s):',
+      f"{unit.capitalize()}s for each Muon row's seed-mean validation "
+      f"`{task.metric}` to first reach each baseline's final mean (× that "
+      f"baseline's {unit}s):",
       '',
       '| | ' + ' | '.join(f"{b}'s final" for b in bases) + ' |',
       '|' + '---|' * (len(bases) + 1),
@@ -455,8 +498,10 @@ def summarize(results: dict[str, Any]) -> str:
     for name, hits in a['reach'].items():
       cells = [name]
       for b in bases:
-        h = hits[b]
-        if h[unit] is None:
+        h = hits.get(b)
+        if h is None:
+          cells.append('—')
+        elif h[unit] is None:
           cells.append(f'not reached ({h["target"]:.4f})')
         else:
           n = f'{h[unit]:.2f}' if unit == 'epoch' else f'{h[unit]}'
@@ -464,7 +509,8 @@ def summarize(results: dict[str, Any]) -> str:
       lines.append('| ' + ' | '.join(cells) + ' |')
   lines += [
     '',
-    '## Learning-rate grids (seed 0, final validation metric of the search)',
+    f'## Learning-rate grids (seed {results.get("search_seed", 0)}, final '
+    'validation metric of the search)',
     '',
   ]
   for name, grid in results['tuning'].items():
@@ -475,6 +521,7 @@ def summarize(results: dict[str, Any]) -> str:
     if len(grid) > 1 and chosen in (grid[0][0], grid[-1][0]):
       edge = ' (at the edge of the grid: widen it)'
     lines.append(f'- {name}: {cells} → **{chosen:g}**{edge}')
+  lines += _max_logit_lines(results)
   lines += [
     '',
     f'![{task.metric} vs {unit}]({task.metric}_vs_{unit}.png)',
@@ -484,6 +531,40 @@ def summarize(results: dict[str, Any]) -> str:
     '',
   ]
   return '\n'.join(lines)
+
+
+def _max_logit_lines(results: dict[str, Any]) -> list[str]:
+  """A table of the largest attention logits of the rows that recorded
+  them: at the first point, the peak over the run, and at the end."""
+  lines = []
+  for name, runs in _by_row(results).items():
+    if not all('max_logit' in h for r in runs for h in r['history']):
+      continue
+    curves = _mean_curve(runs, 'max_logit')
+    cells = [
+      name,
+      f'{runs[0]["learning_rate"]:g}',
+      *(
+        f'{v.mean():.1f} ± {v.std():.1f}'
+        for v in (curves[:, 0], curves.max(1), curves[:, -1])
+      ),
+    ]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  if not lines:
+    return []
+  return [
+    '',
+    '## Largest attention logit (mean ± std over seeds)',
+    '',
+    'Each point is the largest logit of any head over the steps since the '
+    'previous point.',
+    '',
+    '| row | lr | first point | peak | last point |',
+    '|---|---|---|---|---|',
+    *lines,
+    '',
+    '![max logit vs step](max_logit_vs_step.png)',
+  ]
 
 
 def plot(results: dict[str, Any], out: pathlib.Path) -> list[pathlib.Path]:
@@ -524,8 +605,46 @@ def plot(results: dict[str, Any], out: pathlib.Path) -> list[pathlib.Path]:
     fig.savefig(path)
     plt.close(fig)
     paths.append(path)
+  logits = plot_max_logits(results, out)
   layers = plot_layer_metrics(results, out)
-  return paths + ([layers] if layers else [])
+  return paths + [p for p in (logits, layers) if p]
+
+
+def plot_max_logits(
+  results: dict[str, Any], out: pathlib.Path
+) -> pathlib.Path | None:
+  """The largest attention logit against steps, for the rows that
+  recorded it (transformer with `record_max_logits` or `qk_clip`)."""
+  rows = {
+    name: runs
+    for name, runs in _by_row(results).items()
+    if all('max_logit' in h for r in runs for h in r['history'])
+  }
+  if not rows:
+    return None
+  import matplotlib  # pylint: disable=g-import-not-at-top
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+  for name, runs in rows.items():
+    y = _mean_curve(runs, 'max_logit')
+    x = _mean_curve(runs, 'step').mean(0)
+    (line,) = ax.plot(x, y.mean(0), label=name)
+    if len(runs) > 1:
+      ax.fill_between(x, y.min(0), y.max(0), alpha=0.2, color=line.get_color())
+  ax.set_yscale('log')
+  ax.set_xlabel('step')
+  ax.set_ylabel('largest attention logit since the previous point')
+  ax.set_title(f'{results["task"]}: max attention logit (band: min–max)')
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  path = out / 'max_logit_vs_step.png'
+  fig.savefig(path)
+  plt.close(fig)
+  return path
 
 
 def plot_layer_metrics(
@@ -663,10 +782,8 @@ def step_times(
   steps, num_params = {}, None
   for name, (base, kwargs) in rows.items():
     grid = grids[name]
-    cfg = config.replace(
-      optimizer=base,
-      optimizer_kwargs=kwargs,
-      learning_rate=grid[len(grid) // 2],
+    cfg = _row_config(config, base, kwargs).replace(
+      learning_rate=grid[len(grid) // 2]
     )
     if task.budget == 'epochs':
       model, _, step = train.create_train_state(cfg, 10, 1000)
@@ -769,8 +886,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for name, (base, kwargs) in rows.items():
       if base == 'muon':
         rows[name] = (base, {**kwargs, 'diagnostics': True})
-  if args.seeds < 1:
-    raise SystemExit(f'--seeds must be at least 1, got {args.seeds}.')
+  if args.seeds < 1 or args.first_seed < 0:
+    raise SystemExit(
+      f'--seeds must be at least 1 and --first-seed at least 0, got '
+      f'{args.seeds} and {args.first_seed}.'
+    )
+  for base, kwargs in rows.values():  # a bad config.FIELD fails now
+    _row_config(config, base, kwargs)
   grids = {n: DEFAULT_GRIDS[args.task][base] for n, (base, _) in rows.items()}
   grids.update(_parse_grid(args.lr_grid, list(rows)))
 
@@ -790,9 +912,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
   def run(name, cfg, lr, seed, tune):
     base, kwargs = rows[name]
-    cfg = cfg.replace(
-      optimizer=base, optimizer_kwargs=kwargs, learning_rate=lr, seed=seed
-    )
+    cfg = _row_config(cfg, base, kwargs).replace(learning_rate=lr, seed=seed)
     suffix = '_search' if tune and not reuse else ''
     workdir = out / 'runs' / f'{name}_lr{lr:g}_seed{seed}{suffix}'
     r = {'name': name, **train.train_and_evaluate(cfg, workdir)}
@@ -811,7 +931,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   for name in rows:
     scores = []
     for lr in grids[name]:
-      r = run(name, tune_config, lr, 0, tune=True)
+      r = run(name, tune_config, lr, args.first_seed, tune=True)
       routing = routing or r.get('routing')
       score = r['history'][-1][task.metric]
       if not math.isfinite(score):
@@ -822,11 +942,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     tuning[name] = [(lr, s) for lr, s, _ in scores]
     chosen[name] = best[0]
     tqdm.tqdm.write(
-      f'{name}: lr {best[0]:g} ({task.metric} {best[1]:.4f} on seed 0)'
+      f'{name}: lr {best[0]:g} ({task.metric} {best[1]:.4f} on seed '
+      f'{args.first_seed})'
     )
     if reuse:
       runs.append(best[2])
-    for seed in range(1 if reuse else 0, args.seeds):
+    first = args.first_seed + reuse
+    for seed in range(first, args.first_seed + args.seeds):
       runs.append(run(name, config, best[0], seed, tune=False))
   bar.close()
   if routing:
@@ -839,6 +961,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     'num_params': runs[0]['num_params'],
     'config': dataclasses.asdict(config),
     'tune_budget': args.tune_budget,
+    'search_seed': args.first_seed,
     'rows': {n: {'optimizer': b, 'kwargs': k} for n, (b, k) in rows.items()},
     'grids': {n: list(grids[n]) for n in rows},
     'chosen_lr': chosen,

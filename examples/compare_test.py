@@ -66,18 +66,27 @@ def test_convnet_end_to_end(tmp_path):
 
 
 def test_transformer_end_to_end(tmp_path):
-  # The tiny config of transformer/train_test.py: its compilations are reused.
+  # The test split is reported; a row may set config fields (here QK-Clip's
+  # threshold); --first-seed runs later seeds; recorded max logits get a
+  # table and a plot. The tiny config and learning rate are those of
+  # transformer/train_test.py's QK-Clip check, where muon's logits grow.
   compare.main(
     [
       '--task=transformer',
-      '--steps=6',
+      '--steps=12',
       '--seeds=1',
+      '--first-seed=2',
       '--optimizers=muon,adamw',
+      '--variant',
+      'muon_qkclip=muon:config.qk_clip=1.0',
       '--lr-grid',
-      'muon=0.01',
+      'muon=0.3',
       'adamw=0.01',
+      'muon_qkclip=0.3',
       '--set',
+      'record_max_logits=True',
       'd_model=16',
+      'num_heads=2',
       'context=16',
       'batch_size=4',
       'eval_every=3',
@@ -89,13 +98,29 @@ def test_transformer_end_to_end(tmp_path):
     ]
   )
   results = json.loads((tmp_path / 'results.json').read_text())
-  assert len(results['runs']) == 2
+  assert results['rows']['muon_qkclip'] == {
+    'optimizer': 'muon',
+    'kwargs': {'config.qk_clip': 1.0},
+  }
+  assert [(r['name'], r['seed']) for r in results['runs']] == [
+    ('muon', 2),
+    ('adamw', 2),
+    ('muon_qkclip', 2),
+  ]
   for run in results['runs']:
     assert set(run['final']) == {'test_loss', 'val_loss'}
-    assert [h['step'] for h in run['history']] == [3, 6]
+    assert [h['step'] for h in run['history']] == [3, 6, 9, 12]
   assert results['analysis']['final_key'] == 'test_loss'
-  assert (tmp_path / 'val_loss_vs_step.png').exists()
-  assert (tmp_path / 'val_loss_vs_time.png').exists()
+  assert results['runs'][2]['optimizer_kwargs'] == {}
+  free, _, clipped = (
+    [h['max_logit'] for h in r['history']] for r in results['runs']
+  )
+  assert max(clipped[1:]) < max(free[1:])  # the clip reached its row only
+  summary = (tmp_path / 'summary.md').read_text()
+  assert 'chosen on seed 2' in summary
+  assert '| muon_qkclip | 0.3 |' in summary.split('Largest attention')[1]
+  for png in ('val_loss_vs_step', 'val_loss_vs_time', 'max_logit_vs_step'):
+    assert (tmp_path / f'{png}.png').exists()
 
 
 @pytest.mark.parametrize(
@@ -111,6 +136,9 @@ def test_transformer_end_to_end(tmp_path):
     (['--variant', 'fast=adam:beta=0.9'], '--variant takes'),
     (['--optimizers', 'adam'], "Unknown optimizer 'adam'"),
     (['--lr-grid', 'adam=0.1'], '--lr-grid takes'),
+    (['--variant', 'x=muon:config.seed=3'], 'a row may set config.FIELD'),
+    (['--variant', 'x=muon:config.nope=3'], 'got config.nope'),
+    (['--seeds', '1', '--first-seed', '-1'], '--first-seed at least 0'),
   ],
 )
 def test_bad_arguments(argv, match, tmp_path):
@@ -155,6 +183,41 @@ def test_analysis_steps_to_reach_and_step_time_ratio():
   }
   assert a['reach']['muon']['sgd']['step'] is None  # 1.0 is never reached
   assert 'nadamw' not in a['reach']['muon']
+  assert 'muon' not in a['reach']['muon']
+
+
+def test_analysis_normuon_reaches_muon():
+  runs = [
+    _run('muon', 0, 0.02, 40, [3.0, 2.5, 2.0, 1.8]),
+    _run('normuon', 0, 0.02, 40, [3.0, 2.2, 1.8, 1.7]),
+    _run('adamw', 0, 0.01, 40, [3.0, 2.8, 2.5, 2.3]),
+    _run('sgd', 0, 0.1, 40, [3.0, 2.9, 2.8, 2.7]),
+  ]
+  a = compare.analyze({'task': 'transformer', 'runs': runs})
+  assert a['reach']['normuon']['muon'] == {
+    'target': 1.8,
+    'step': 30,
+    'fraction': 0.75,
+  }
+  assert a['reach']['normuon']['adamw']['step'] == 20
+  assert set(a['reach']) == {'muon', 'normuon'}  # not sgd's or adamw's
+  summary = compare.summarize(
+    {
+      'task': 'transformer',
+      'data': 'x',
+      'num_params': 1,
+      'budget': '40 steps',
+      'runs': runs,
+      'tuning': {r['name']: [(r['learning_rate'], 0.0)] for r in runs},
+      'chosen_lr': {r['name']: r['learning_rate'] for r in runs},
+      'command': 'c',
+    }
+  )
+  assert '| muon | 30 (0.75×; 2.3000) | 20 (0.50×; 2.7000) | — |' in summary
+  assert (
+    '| normuon | 20 (0.50×; 2.3000) | 20 (0.50×; 2.7000) | 30 (0.75×; 1.8000) |'
+    in summary
+  )
 
 
 def test_merge_picks_the_best_seed0_lr_of_each_search(tmp_path):
