@@ -496,6 +496,8 @@ def summarize(results: dict[str, Any]) -> str:
       '|' + '---|' * (len(bases) + 1),
     ]
     for name, hits in a['reach'].items():
+      if not hits:
+        continue
       cells = [name]
       for b in bases:
         h = hits.get(b)
@@ -533,6 +535,25 @@ def summarize(results: dict[str, Any]) -> str:
   return '\n'.join(lines)
 
 
+def search_max_logits(
+  searched: dict[str, list[dict[str, Any]]],
+) -> dict[str, list[list[float]]]:
+  """Per row, `[lr, first, peak]` of the search runs' recorded max
+  logits: how fast each learning rate grows them."""
+  out = {}
+  for name, runs in searched.items():
+    if runs and all('max_logit' in h for r in runs for h in r['history']):
+      out[name] = [
+        [
+          r['learning_rate'],
+          r['history'][0]['max_logit'],
+          max(h['max_logit'] for h in r['history']),
+        ]
+        for r in runs
+      ]
+  return out
+
+
 def _max_logit_lines(results: dict[str, Any]) -> list[str]:
   """A table of the largest attention logits of the rows that recorded
   them: at the first point, the peak over the run, and at the end."""
@@ -552,7 +573,7 @@ def _max_logit_lines(results: dict[str, Any]) -> list[str]:
     lines.append('| ' + ' | '.join(cells) + ' |')
   if not lines:
     return []
-  return [
+  lines = [
     '',
     '## Largest attention logit (mean ± std over seeds)',
     '',
@@ -562,9 +583,21 @@ def _max_logit_lines(results: dict[str, Any]) -> list[str]:
     '| row | lr | first point | peak | last point |',
     '|---|---|---|---|---|',
     *lines,
-    '',
-    '![max logit vs step](max_logit_vs_step.png)',
   ]
+  searched = results.get('search_max_logits') or {}
+  if searched:
+    lines += [
+      '',
+      f'In the search (seed {results.get("search_seed", 0)}), first point → '
+      'peak:',
+      '',
+    ]
+    for name, grid in searched.items():
+      cells = ', '.join(
+        f'{lr:g}: {first:.1f} → {peak:.1f}' for lr, first, peak in sorted(grid)
+      )
+      lines.append(f'- {name}: {cells}')
+  return [*lines, '', '![max logit vs step](max_logit_vs_step.png)']
 
 
 def plot(results: dict[str, Any], out: pathlib.Path) -> list[pathlib.Path]:
@@ -713,13 +746,15 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
     return -math.inf if task.higher_is_better else math.inf
 
   names = list(dict.fromkeys(r['name'] for r in lines))
-  runs, tuning, chosen = [], {}, {}
+  runs, tuning, chosen, searched = [], {}, {}, {}
   for name in names:
     mine = [r for r in lines if r['name'] == name]
     budget = min(r['total_steps'] for r in mine)
     grid: dict[float, float] = {}
     for r in mine:
       if r['seed'] == 0 and r['total_steps'] == budget:
+        if r['learning_rate'] not in grid:
+          searched.setdefault(name, []).append(r)
         grid.setdefault(r['learning_rate'], score(r))
     if not grid:
       raise SystemExit(f'--merge: no seed-0 run of {name} to choose from.')
@@ -751,6 +786,7 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
     ),
     'chosen_lr': chosen,
     'tuning': tuning,
+    'search_max_logits': search_max_logits(searched),
     'merged_from': list(args.merge),
     'command': ' '.join(['python', 'examples/compare.py', *sys.argv[1:]]),
     'runs': runs,
@@ -926,7 +962,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       f.write(json.dumps(r) + '\n')
     return r
 
-  runs, tuning, chosen, routing = [], {}, {}, None
+  runs, tuning, chosen, searched, routing = [], {}, {}, {}, None
   t0 = time.time()
   for name in rows:
     scores = []
@@ -940,6 +976,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     pick = max if task.higher_is_better else min
     best = pick(scores, key=lambda s: s[1])
     tuning[name] = [(lr, s) for lr, s, _ in scores]
+    searched[name] = [r for _, _, r in scores]
     chosen[name] = best[0]
     tqdm.tqdm.write(
       f'{name}: lr {best[0]:g} ({task.metric} {best[1]:.4f} on seed '
@@ -966,6 +1003,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     'grids': {n: list(grids[n]) for n in rows},
     'chosen_lr': chosen,
     'tuning': tuning,
+    'search_max_logits': search_max_logits(searched),
     'command': ' '.join(
       [
         'python',

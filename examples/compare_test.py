@@ -118,6 +118,7 @@ def test_transformer_end_to_end(tmp_path):
   assert max(clipped[1:]) < max(free[1:])  # the clip reached its row only
   summary = (tmp_path / 'summary.md').read_text()
   assert 'chosen on seed 2' in summary
+  assert 'In the search (seed 2), first point → peak' in summary
   assert '| muon_qkclip | 0.3 |' in summary.split('Largest attention')[1]
   for png in ('val_loss_vs_step', 'val_loss_vs_time', 'max_logit_vs_step'):
     assert (tmp_path / f'{png}.png').exists()
