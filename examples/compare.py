@@ -984,7 +984,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     if reuse:
       runs.append(best[2])
-    first = args.first_seed + reuse
+    first = args.first_seed + (1 if reuse else 0)  # reuse: already run
     for seed in range(first, args.first_seed + args.seeds):
       runs.append(run(name, config, best[0], seed, tune=False))
   bar.close()
