@@ -535,6 +535,12 @@ def summarize(results: dict[str, Any]) -> str:
   return '\n'.join(lines)
 
 
+def _recorded_max_logits(runs: list[dict[str, Any]]) -> bool:
+  return bool(runs) and all(
+    'max_logit' in h for r in runs for h in r['history']
+  )
+
+
 def search_max_logits(
   searched: dict[str, list[dict[str, Any]]],
 ) -> dict[str, list[list[float]]]:
@@ -542,7 +548,7 @@ def search_max_logits(
   logits: how fast each learning rate grows them."""
   out = {}
   for name, runs in searched.items():
-    if runs and all('max_logit' in h for r in runs for h in r['history']):
+    if _recorded_max_logits(runs):
       out[name] = [
         [
           r['learning_rate'],
@@ -559,7 +565,7 @@ def _max_logit_lines(results: dict[str, Any]) -> list[str]:
   them: at the first point, the peak over the run, and at the end."""
   lines = []
   for name, runs in _by_row(results).items():
-    if not all('max_logit' in h for r in runs for h in r['history']):
+    if not _recorded_max_logits(runs):
       continue
     curves = _mean_curve(runs, 'max_logit')
     cells = [
@@ -651,7 +657,7 @@ def plot_max_logits(
   rows = {
     name: runs
     for name, runs in _by_row(results).items()
-    if all('max_logit' in h for r in runs for h in r['history'])
+    if _recorded_max_logits(runs)
   }
   if not rows:
     return None
