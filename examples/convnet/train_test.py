@@ -13,6 +13,8 @@ import numpy as np
 import optax
 import pytest
 
+import muon_optax
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from convnet import input_pipeline  # noqa: E402
@@ -263,3 +265,35 @@ def test_cifar_archive_loads():
   ds = input_pipeline.load(CIFAR)
   assert ds.train.images.shape == (50000, 32, 32, 3)
   assert len(ds.classes) == 10
+
+
+def test_head_names_moves_only_the_head_to_muon():
+  config = _tiny(head_names=())
+  model = train.create_model(config, 10)
+  labels, _ = train.muon_routing(config, model)
+  default_labels = muon_optax.param_labels(model)
+  changed = {
+    jax.tree_util.keystr(path): label
+    for (path, label), (_, before) in zip(
+      jax.tree_util.tree_leaves_with_path(labels),
+      jax.tree_util.tree_leaves_with_path(default_labels),
+      strict=True,
+    )
+    if label != before
+  }
+  assert changed == {"['head']['kernel']": 'muon'}
+  params = nnx.state(model, nnx.Param)
+  tx = train.create_optimizer(config, model, total_steps=6)
+  updates, _ = tx.update(params, tx.init(params), params)
+  assert jax.tree.structure(updates) == jax.tree.structure(params)
+  with pytest.raises(ValueError, match='head_names'):
+    train.create_optimizer(config.replace(optimizer='adamw'), model, 6)
+
+
+def test_head_names_parse_from_the_command_line():
+  config = default.get_config()
+  assert config.override(['head_names=']).head_names == ()
+  assert config.override(['head_names=head,lm_head']).head_names == (
+    'head',
+    'lm_head',
+  )

@@ -36,6 +36,19 @@ def create_learning_rate_schedule(
   )
 
 
+def muon_routing(config: default.Config, model: nnx.Module) -> tuple[Any, Any]:
+  """`(param_labels, matrix_views)` of the `muon` and `normuon` rows.
+
+  The model itself (the library's rules and the module's views), or with
+  `config.head_names` the module's rules with those head patterns; the views
+  stay the module's either way.
+  """
+  if config.head_names is None:
+    return model, None
+  labels = muon_optax.param_labels(model, head_names=config.head_names)
+  return labels, muon_optax.matrix_views(model)
+
+
 def create_optimizer(
   config: default.Config, model: nnx.Module, total_steps: int
 ) -> optax.GradientTransformation:
@@ -46,15 +59,24 @@ def create_optimizer(
   learning rate: set it with `set_learning_rate`. No weight decay anywhere.
   """
   name, kwargs = config.optimizer, dict(config.optimizer_kwargs)
+  if config.head_names is not None and name not in ('muon', 'normuon'):
+    raise ValueError(
+      f'`head_names` routes `muon` and `normuon`; `optimizer` is {name!r}.'
+    )
+  labels, views = muon_routing(config, model)
 
   def make(learning_rate):
     schedule = create_learning_rate_schedule(
       learning_rate, total_steps, config.warmup_fraction
     )
     if name == 'muon':  # routing from the model: convs to Muon, the rest Adam
-      return muon_optax.muon(schedule, param_labels=model, **kwargs)
+      return muon_optax.muon(
+        schedule, param_labels=labels, matrix_views=views, **kwargs
+      )
     if name == 'normuon':  # muon + NorMuon's per-neuron normalization
-      return muon_optax.normuon(schedule, param_labels=model, **kwargs)
+      return muon_optax.normuon(
+        schedule, param_labels=labels, matrix_views=views, **kwargs
+      )
     if name == 'adamw':
       return optax.adamw(schedule, **{'weight_decay': 0.0, **kwargs})
     if name == 'nadamw':
@@ -94,6 +116,7 @@ def _shared_optimizer(config, model, total_steps):
     nnx.graphdef(model),
     config.optimizer,
     repr(sorted(config.optimizer_kwargs.items())),
+    config.head_names,
     total_steps,
     config.warmup_fraction,
   )
@@ -218,7 +241,10 @@ def train_and_evaluate(
   )
   num_params = count_params(model)
   diagnostics = bool(config.optimizer_kwargs.get('diagnostics'))
-  routing = muon_optax.describe(model) if config.optimizer == 'muon' else None
+  routing = None
+  if config.optimizer == 'muon':
+    labels, views = muon_routing(config, model)
+    routing = muon_optax.describe(model, labels, matrix_views=views)
   logging.info(
     '%s: %d parameters; %s at peak lr %g; %d steps (%d per epoch)',
     model_name(config),

@@ -9,6 +9,8 @@ from flax import nnx
 import jax
 import pytest
 
+import muon_optax
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from resnet import main  # noqa: E402
@@ -83,3 +85,35 @@ def test_input_pipeline_is_the_convnets():
   """The two examples share their splits; each carries its own copy."""
   here = (HERE / 'input_pipeline.py').read_text()
   assert here == (HERE.parent / 'convnet/input_pipeline.py').read_text()
+
+
+def test_head_names_moves_only_the_head_to_muon():
+  config = _tiny(head_names=())
+  model = train.create_model(config, 10)
+  labels, _ = train.muon_routing(config, model)
+  default_labels = muon_optax.param_labels(model)
+  changed = {
+    jax.tree_util.keystr(path): label
+    for (path, label), (_, before) in zip(
+      jax.tree_util.tree_leaves_with_path(labels),
+      jax.tree_util.tree_leaves_with_path(default_labels),
+      strict=True,
+    )
+    if label != before
+  }
+  assert changed == {"['head']['kernel']": 'muon'}
+  params = nnx.state(model, nnx.Param)
+  tx = train.create_optimizer(config, model, total_steps=6)
+  updates, _ = tx.update(params, tx.init(params), params)
+  assert jax.tree.structure(updates) == jax.tree.structure(params)
+  with pytest.raises(ValueError, match='head_names'):
+    train.create_optimizer(config.replace(optimizer='adamw'), model, 6)
+
+
+def test_head_names_parse_from_the_command_line():
+  config = tiny.get_config()
+  assert config.override(['head_names=']).head_names == ()
+  assert config.override(['head_names=head,lm_head']).head_names == (
+    'head',
+    'lm_head',
+  )

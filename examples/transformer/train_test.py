@@ -12,6 +12,8 @@ import jax
 import numpy as np
 import pytest
 
+import muon_optax
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from transformer import input_pipeline  # noqa: E402
@@ -188,3 +190,35 @@ def test_qk_clip_flag_records_and_caps_the_logits():
   assert max(free_max) > 2 * tau  # the logits do grow without the clip
   assert max(clipped_max[1:]) < max(free_max[1:])
   assert all(math.isfinite(v) for v in clipped_max)
+
+
+def test_head_names_moves_only_the_head_to_muon():
+  config = _tiny(head_names=())
+  model = train.create_model(config)
+  labels, _ = train.muon_routing(config, model)
+  default_labels = muon_optax.param_labels(model)
+  changed = {
+    jax.tree_util.keystr(path): label
+    for (path, label), (_, before) in zip(
+      jax.tree_util.tree_leaves_with_path(labels),
+      jax.tree_util.tree_leaves_with_path(default_labels),
+      strict=True,
+    )
+    if label != before
+  }
+  assert changed == {"['lm_head']['kernel']": 'muon'}
+  params = nnx.state(model, nnx.Param)
+  tx = train.create_optimizer(config, model, total_steps=6)
+  updates, _ = tx.update(params, tx.init(params), params)
+  assert jax.tree.structure(updates) == jax.tree.structure(params)
+  with pytest.raises(ValueError, match='head_names'):
+    train.create_optimizer(config.replace(optimizer='adamw'), model, 6)
+
+
+def test_head_names_parse_from_the_command_line():
+  config = default.get_config()
+  assert config.override(['head_names=']).head_names == ()
+  assert config.override(['head_names=head,lm_head']).head_names == (
+    'head',
+    'lm_head',
+  )

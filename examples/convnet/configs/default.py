@@ -34,6 +34,10 @@ class Config:
     optimizer: `muon`, `adamw`, `nadamw`, `sgd` or `optax_muon`.
     optimizer_kwargs: more keyword arguments of the optimizer, e.g.
       `{'beta': 0.6}` for `muon`.
+    head_names: `muon` and `normuon` only: fnmatch patterns naming the
+      output head, which goes to the Adam part (`muon_optax.param_labels`'s
+      `head_names`); None: the library's; empty (`--set head_names=`):
+      the head goes to Muon.
     learning_rate: peak learning rate.
     warmup_fraction: linear warm-up over this fraction of the steps, then
       linear decay to 0.
@@ -54,6 +58,7 @@ class Config:
   widths: tuple[int, ...] = (24, 32, 64, 128)
   optimizer: str = 'muon'
   optimizer_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+  head_names: tuple[str, ...] | None = None
   learning_rate: float = 0.01
   warmup_fraction: float = 0.1
   batch_size: int = 128
@@ -82,7 +87,7 @@ class Config:
 
 def _parse(name: str, annotation: Any, text: str) -> Any:
   """`text` as a value of type `annotation` (bool, int, float, str, None,
-  tuples of int, dicts)."""
+  tuples, dicts)."""
   options = [annotation]
   if isinstance(annotation, types.UnionType):
     options = list(typing.get_args(annotation))
@@ -96,7 +101,8 @@ def _parse(name: str, annotation: Any, text: str) -> Any:
         raise ValueError(text)
       return text.lower() in ('true', '1')
     if origin is tuple:
-      return tuple(int(v) for v in text.split(',') if v)
+      item = (typing.get_args(kind) or (int,))[0]  # tuple[str, ...]: str
+      return tuple(item(v) for v in text.split(',') if v)
     if origin is dict:
       value = ast.literal_eval(text)
       if not isinstance(value, dict):
