@@ -194,7 +194,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     help='a config file of the task; default: <task>/configs/default.py '
     'with --data, <task>/configs/tiny.py without.',
   )
-  p.add_argument('--optimizers', default=','.join(DEFAULT_OPTIMIZERS))
+  p.add_argument(
+    '--optimizers',
+    default=None,
+    help=f'rows to train (default: {",".join(DEFAULT_OPTIMIZERS)}); with '
+    '--merge, the rows to keep (default: every row in the files).',
+  )
   p.add_argument(
     '--variant',
     nargs='+',
@@ -743,6 +748,12 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
     lines += [json.loads(x) for x in path.read_text().splitlines() if x]
   for r in lines:  # files written before rows had names
     r.setdefault('name', r['optimizer'])
+  if args.optimizers:
+    keep = [n for n in args.optimizers.split(',') if n.strip()]
+    missing = sorted(set(keep) - {r['name'] for r in lines})
+    if missing:
+      raise SystemExit(f'--merge: no runs of {missing} in {list(args.merge)}.')
+    lines = [r for r in lines if r['name'] in keep]
   full = max(r['total_steps'] for r in lines)
 
   def score(r):
@@ -916,7 +927,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   train = importlib.import_module(f'{args.task}.train')
   config = task_config(args)
 
-  rows = {n: (n, {}) for n in args.optimizers.split(',') if n.strip()}
+  names = (args.optimizers or ','.join(DEFAULT_OPTIMIZERS)).split(',')
+  rows = {n: (n, {}) for n in names if n.strip()}
   for name in rows:
     if name not in BASE_OPTIMIZERS:
       raise SystemExit(

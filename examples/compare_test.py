@@ -244,7 +244,10 @@ def test_merge_picks_the_best_seed0_lr_of_each_search(tmp_path):
       '\n'.join(json.dumps(r) for r in runs) + '\n'
     )
   args = argparse.Namespace(
-    merge=[str(full_grid), str(short_grid)], task='transformer', data=None
+    merge=[str(full_grid), str(short_grid)],
+    task='transformer',
+    data=None,
+    optimizers=None,
   )
   results = compare.merge(args)
   assert results['chosen_lr'] == {'muon': 0.02, 'adamw': 0.01}
@@ -257,3 +260,9 @@ def test_merge_picks_the_best_seed0_lr_of_each_search(tmp_path):
   ]
   assert dict(results['tuning']['adamw']) == {0.01: 2.9, 0.003: 3.1}
   assert results['tune_budget'] == 0.4
+  # --optimizers keeps some rows: a partial merge while other rows still run.
+  args.optimizers = 'adamw'
+  assert [r['name'] for r in compare.merge(args)['runs']] == ['adamw'] * 2
+  args.optimizers = 'adamw,sgd'
+  with pytest.raises(SystemExit, match=r"no runs of \['sgd'\]"):
+    compare.merge(args)
