@@ -36,7 +36,7 @@ class Config:
       `{'beta': 0.6}` for `muon`.
     head_names: `muon` and `normuon` only: fnmatch patterns naming the
       output head, which goes to the Adam part (`muon_optax.param_labels`'s
-      `head_names`); None: the library's; empty (`--set head_names=`):
+      `head_names`); None: the library's; empty (`--config.head_names=`):
       the head goes to Muon.
     learning_rate: peak learning rate.
     warmup_fraction: linear warm-up over this fraction of the steps, then
