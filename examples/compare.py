@@ -198,7 +198,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     '--optimizers',
     default=None,
     help=f'rows to train (default: {",".join(DEFAULT_OPTIMIZERS)}); with '
-    '--merge, the rows to keep (default: every row in the files).',
+    '--merge, the rows to keep, in this order (default: every row in the '
+    'files).',
   )
   p.add_argument(
     '--variant',
@@ -763,6 +764,8 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
     return -math.inf if task.higher_is_better else math.inf
 
   names = list(dict.fromkeys(r['name'] for r in lines))
+  if args.optimizers:  # in the order asked for
+    names = list(dict.fromkeys(keep))
   runs, tuning, chosen, searched = [], {}, {}, {}
   for name in names:
     mine = [r for r in lines if r['name'] == name]

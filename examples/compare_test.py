@@ -263,6 +263,9 @@ def test_merge_picks_the_best_seed0_lr_of_each_search(tmp_path):
   # --optimizers keeps some rows: a partial merge while other rows still run.
   args.optimizers = 'adamw'
   assert [r['name'] for r in compare.merge(args)['runs']] == ['adamw'] * 2
+  args.optimizers = 'adamw,muon'
+  names = [r['name'] for r in compare.merge(args)['runs']]
+  assert names == ['adamw', 'adamw', 'muon', 'muon']
   args.optimizers = 'adamw,sgd'
   with pytest.raises(SystemExit, match=r"no runs of \['sgd'\]"):
     compare.merge(args)
