@@ -930,8 +930,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   train = importlib.import_module(f'{args.task}.train')
   config = task_config(args)
 
-  names = (args.optimizers or ','.join(DEFAULT_OPTIMIZERS)).split(',')
-  rows = {n: (n, {}) for n in names if n.strip()}
+  names = args.optimizers
+  if names is None:  # '' trains --variant rows only
+    names = ','.join(DEFAULT_OPTIMIZERS)
+  rows = {n: (n, {}) for n in names.split(',') if n.strip()}
   for name in rows:
     if name not in BASE_OPTIMIZERS:
       raise SystemExit(
@@ -939,6 +941,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         '--variant for others).'
       )
   rows.update(_parse_variants(args.variant))
+  if not rows:
+    raise SystemExit('No rows to train: give --optimizers or --variant.')
   if args.diagnostics:
     for name, (base, kwargs) in rows.items():
       if base == 'muon':

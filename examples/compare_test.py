@@ -136,6 +136,7 @@ def test_transformer_end_to_end(tmp_path):
     (['--task', 'resnet', '--steps', '5'], '--steps is for the transformer'),
     (['--variant', 'fast=adam:beta=0.9'], '--variant takes'),
     (['--optimizers', 'adam'], "Unknown optimizer 'adam'"),
+    (['--optimizers', ''], 'No rows to train'),  # '' is not the default
     (['--lr-grid', 'adam=0.1'], '--lr-grid takes'),
     (['--variant', 'x=muon:config.seed=3'], 'a row may set config.FIELD'),
     (['--variant', 'x=muon:config.nope=3'], 'got config.nope'),
