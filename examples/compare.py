@@ -749,12 +749,14 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
     lines += [json.loads(x) for x in path.read_text().splitlines() if x]
   for r in lines:  # files written before rows had names
     r.setdefault('name', r['optimizer'])
-  if args.optimizers:
-    keep = [n for n in args.optimizers.split(',') if n.strip()]
-    missing = sorted(set(keep) - {r['name'] for r in lines})
+  names = list(dict.fromkeys(r['name'] for r in lines))
+  if args.optimizers:  # these rows only, in this order
+    keep = [n for n in dict.fromkeys(args.optimizers.split(',')) if n.strip()]
+    missing = sorted(set(keep) - set(names))
     if missing:
       raise SystemExit(f'--merge: no runs of {missing} in {list(args.merge)}.')
     lines = [r for r in lines if r['name'] in keep]
+    names = keep
   full = max(r['total_steps'] for r in lines)
 
   def score(r):
@@ -763,9 +765,6 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
       return v
     return -math.inf if task.higher_is_better else math.inf
 
-  names = list(dict.fromkeys(r['name'] for r in lines))
-  if args.optimizers:  # in the order asked for
-    names = list(dict.fromkeys(keep))
   runs, tuning, chosen, searched = [], {}, {}, {}
   for name in names:
     mine = [r for r in lines if r['name'] == name]
