@@ -447,17 +447,28 @@ def analyze(results: dict[str, Any]) -> dict[str, Any]:
   return {'final_key': final_key, 'unit': unit, 'table': table, 'reach': reach}
 
 
+def _mean_std(mean_std: tuple[float, float], seeds: int) -> str:
+  """`mean ± std`; the mean alone for one seed, which has no spread."""
+  mean, std = mean_std
+  return f'{mean:.4f}' if seeds == 1 else f'{mean:.4f} ± {std:.4f}'
+
+
 def summarize(results: dict[str, Any]) -> str:
   """The markdown summary of a `results.json` dict."""
   task = TASKS[results['task']]
   a = analyze(results)
   final_key, unit, table = a['final_key'], a['unit'], a['table']
-  seeds = max(row['seeds'] for row in table.values())
+  counts = sorted({row['seeds'] for row in table.values()})
+  uneven = len(counts) > 1  # a partial merge: the rows say how many
+  if uneven:
+    seeds = f'{counts[0]}–{counts[-1]} seeds (column `seeds`)'
+  else:
+    seeds = f'{counts[0]} seed(s)'
   lines = [
     f'# {results["task"]} on {results["data"]}',
     '',
     f'Model: {results["num_params"]:,} parameters. Budget: '
-    f'{results["budget"]}. {seeds} seed(s) per optimizer; each learning '
+    f'{results["budget"]}. {seeds} per optimizer; each learning '
     f'rate chosen on seed {results.get("search_seed", 0)} by the final '
     f'validation `{task.metric}` after '
     f'{results.get("tune_budget", 1.0):g}× the budget; `{final_key}` is '
@@ -469,6 +480,7 @@ def summarize(results: dict[str, Any]) -> str:
   cols = [
     'optimizer',
     'lr',
+    *(['seeds'] if uneven else []),
     f'{final_key} (mean ± std)',
     f'final {task.metric} (mean ± std)',
     'ms / step',
@@ -480,8 +492,9 @@ def summarize(results: dict[str, Any]) -> str:
     cells = [
       name,
       f'{row["learning_rate"]:g}',
-      '{:.4f} ± {:.4f}'.format(*row[final_key]),
-      '{:.4f} ± {:.4f}'.format(*row[task.metric]),
+      *([str(row['seeds'])] if uneven else []),
+      _mean_std(row[final_key], row['seeds']),
+      _mean_std(row[task.metric], row['seeds']),
       f'{1e3 * row["step_time"]:.0f}',
       '—' if ratio is None else f'{ratio:.2f}',
     ]

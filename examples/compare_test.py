@@ -186,6 +186,23 @@ def test_analysis_steps_to_reach_and_step_time_ratio():
   assert a['reach']['muon']['sgd']['step'] is None  # 1.0 is never reached
   assert 'nadamw' not in a['reach']['muon']
   assert 'muon' not in a['reach']['muon']
+  # A partial merge (sgd has one seed so far): the rows say how many, and
+  # one seed shows no spread.
+  summary = compare.summarize(
+    {
+      'task': 'transformer',
+      'data': 'x',
+      'num_params': 1,
+      'budget': '40 steps',
+      'runs': runs,
+      'tuning': {r['name']: [(r['learning_rate'], 0.0)] for r in runs},
+      'chosen_lr': {r['name']: r['learning_rate'] for r in runs},
+      'command': 'c',
+    }
+  )
+  assert '1–2 seeds (column `seeds`) per optimizer' in summary
+  assert '| muon | 0.02 | 2 | 1.9000 ± 0.0000 | 1.8000 ± 0.0000 |' in summary
+  assert '| sgd | 0.1 | 1 | 1.1000 | 1.0000 |' in summary
 
 
 def test_analysis_normuon_reaches_muon():
