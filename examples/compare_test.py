@@ -165,6 +165,22 @@ def _run(name, seed, lr, steps, vals, optimizer=None, step_time=0.1):
   }
 
 
+def _summary(runs):
+  """`compare.summarize` of a 40-step Transformer comparison of `runs`."""
+  return compare.summarize(
+    {
+      'task': 'transformer',
+      'data': 'x',
+      'num_params': 1,
+      'budget': '40 steps',
+      'runs': runs,
+      'tuning': {r['name']: [(r['learning_rate'], 0.0)] for r in runs},
+      'chosen_lr': {r['name']: r['learning_rate'] for r in runs},
+      'command': 'c',
+    }
+  )
+
+
 def test_analysis_steps_to_reach_and_step_time_ratio():
   runs = [
     _run('muon', 0, 0.02, 40, [3.0, 2.5, 2.0, 1.8], step_time=0.15),
@@ -188,18 +204,7 @@ def test_analysis_steps_to_reach_and_step_time_ratio():
   assert 'muon' not in a['reach']['muon']
   # A partial merge (sgd has one seed so far): the rows say how many, and
   # one seed shows no spread.
-  summary = compare.summarize(
-    {
-      'task': 'transformer',
-      'data': 'x',
-      'num_params': 1,
-      'budget': '40 steps',
-      'runs': runs,
-      'tuning': {r['name']: [(r['learning_rate'], 0.0)] for r in runs},
-      'chosen_lr': {r['name']: r['learning_rate'] for r in runs},
-      'command': 'c',
-    }
-  )
+  summary = _summary(runs)
   assert '1–2 seeds (column `seeds`) per optimizer' in summary
   assert '| muon | 0.02 | 2 | 1.9000 ± 0.0000 | 1.8000 ± 0.0000 |' in summary
   assert '| sgd | 0.1 | 1 | 1.1000 | 1.0000 |' in summary
@@ -220,18 +225,7 @@ def test_analysis_normuon_reaches_muon():
   }
   assert a['reach']['normuon']['adamw']['step'] == 20
   assert set(a['reach']) == {'muon', 'normuon'}  # not sgd's or adamw's
-  summary = compare.summarize(
-    {
-      'task': 'transformer',
-      'data': 'x',
-      'num_params': 1,
-      'budget': '40 steps',
-      'runs': runs,
-      'tuning': {r['name']: [(r['learning_rate'], 0.0)] for r in runs},
-      'chosen_lr': {r['name']: r['learning_rate'] for r in runs},
-      'command': 'c',
-    }
-  )
+  summary = _summary(runs)
   assert '| muon | 30 (0.75×; 2.3000) | 20 (0.50×; 2.7000) | — |' in summary
   assert (
     '| normuon | 20 (0.50×; 2.3000) | 20 (0.50×; 2.7000) | 30 (0.75×; 1.8000) |'
