@@ -534,14 +534,22 @@ def summarize(results: dict[str, Any]) -> str:
     'validation metric of the search)',
     '',
   ]
+  tune_budget = results.get('tune_budget', 1.0)
   for name, grid in results['tuning'].items():
     grid = sorted(grid)
     cells = ', '.join(f'{lr:g}: {v:.4f}' for lr, v in grid)
     chosen = results['chosen_lr'][name]
-    edge = ''
-    if len(grid) > 1 and chosen in (grid[0][0], grid[-1][0]):
-      edge = ' (at the edge of the grid: widen it)'
-    lines.append(f'- {name}: {cells} → **{chosen:g}**{edge}')
+    notes = []
+    # A merged row whose seed-0 runs are at another budget than the others'.
+    fraction = results.get('search_budget', {}).get(name, tune_budget)
+    if fraction != tune_budget:
+      notes.append(f'after {fraction:g}× the budget')
+    if len(grid) == 1:
+      notes.append('one rate: set, not searched')
+    elif chosen in (grid[0][0], grid[-1][0]):
+      notes.append('at the edge of the grid: widen it')
+    note = f' ({"; ".join(notes)})' if notes else ''
+    lines.append(f'- {name}: {cells} → **{chosen:g}**{note}')
   lines += _max_logit_lines(results)
   lines += [
     '',
@@ -778,10 +786,11 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
       return v
     return -math.inf if task.higher_is_better else math.inf
 
-  runs, tuning, chosen, searched = [], {}, {}, {}
+  runs, tuning, chosen, searched, search_budget = [], {}, {}, {}, {}
   for name in names:
     mine = [r for r in lines if r['name'] == name]
     budget = min(r['total_steps'] for r in mine)
+    search_budget[name] = budget / full
     grid: dict[float, float] = {}
     for r in mine:
       if r['seed'] == 0 and r['total_steps'] == budget:
@@ -818,6 +827,7 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
     ),
     'chosen_lr': chosen,
     'tuning': tuning,
+    'search_budget': search_budget,
     'search_max_logits': search_max_logits(searched),
     'merged_from': list(args.merge),
     'command': ' '.join(['python', 'examples/compare.py', *sys.argv[1:]]),

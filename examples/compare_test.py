@@ -208,6 +208,7 @@ def test_analysis_steps_to_reach_and_step_time_ratio():
   assert '1–2 seeds (column `seeds`) per optimizer' in summary
   assert '| muon | 0.02 | 2 | 1.9000 ± 0.0000 | 1.8000 ± 0.0000 |' in summary
   assert '| sgd | 0.1 | 1 | 1.1000 | 1.0000 |' in summary
+  assert '- sgd: 0.1: 0.0000 → **0.1** (one rate: set, not searched)' in summary
 
 
 def test_analysis_normuon_reaches_muon():
@@ -272,6 +273,12 @@ def test_merge_picks_the_best_seed0_lr_of_each_search(tmp_path):
   ]
   assert dict(results['tuning']['adamw']) == {0.01: 2.9, 0.003: 3.1}
   assert results['tune_budget'] == 0.4
+  assert results['search_budget'] == {'muon': 1.0, 'adamw': 0.4}
+  grids = compare.summarize(results).split('## Learning-rate grids')[1]
+  # muon's seed-0 runs are at the full budget, adamw's at the search budget.
+  muon = '- muon: 0.01: 2.5000, 0.02: 2.1000, 0.04: inf → **0.02**'
+  assert f'{muon} (after 1× the budget)\n' in grids
+  assert '- adamw: 0.003: 3.1000, 0.01: 2.9000 → **0.01** (at the edge' in grids
   # --optimizers keeps some rows: a partial merge while other rows still run.
   args.optimizers = 'adamw'
   assert [r['name'] for r in compare.merge(args)['runs']] == ['adamw'] * 2
