@@ -821,10 +821,7 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
     'data': args.data or task.embedded,
     'budget': f'{full} steps ({last["epoch"]:.2f} epochs)',
     'num_params': runs[0].get('num_params', 0),
-    'tune_budget': min(
-      [r['total_steps'] / full for r in lines if r['total_steps'] < full],
-      default=1.0,
-    ),
+    'tune_budget': min(search_budget.values()),
     'chosen_lr': chosen,
     'tuning': tuning,
     'search_budget': search_budget,
