@@ -1,6 +1,6 @@
 r"""Optimizers compared on the examples: a learning-rate grid, seeds, plots.
 
-  python examples/compare.py [--task {convnet,resnet,transformer}]
+  python examples/compare.py [--task {convnet,resnet,transformer,diffusion}]
       [--data PATH] [--optimizers muon,adamw,nadamw,sgd,optax_muon]
       [--variant NAME=BASE:KEY=VALUE,...] [--seeds N] [--first-seed K]
       [--epochs E | --steps S] [--train-size N] [--lr-grid NAME=LR,LR ...]
@@ -66,6 +66,7 @@ TASKS = {
   'transformer': Task(
     'val_loss', 'test_loss', False, 'steps', 'Python stdlib sources'
   ),
+  'diffusion': Task('val_loss', 'test_loss', False, 'steps', 'sklearn digits'),
 }
 
 #: Peak learning-rate grids of the embedded-data runs; pass `--lr-grid` for
@@ -94,6 +95,14 @@ DEFAULT_GRIDS = {
     'nadamw': (3e-3, 1e-2, 3e-2),
     'sgd': (0.03, 0.1, 0.3),
     'optax_muon': (1e-2, 3e-2, 1e-1),
+  },
+  'diffusion': {
+    'muon': (0.01, 0.02, 0.04),
+    'normuon': (0.01, 0.02, 0.04),
+    'adamw': (1e-3, 3e-3, 1e-2),
+    'nadamw': (1e-3, 3e-3, 1e-2),
+    'sgd': (0.03, 0.1, 0.3),
+    'optax_muon': (3e-3, 1e-2, 3e-2),
   },
 }
 
@@ -184,9 +193,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument(
     '--data',
     default=None,
-    help='convnet, resnet: a folder with train/ (and test/) class folders, '
-    'or train.tar.gz/test.tar.gz, or cifar-10-batches-py/; transformer: a '
-    'text file. Default: embedded data that needs no download.',
+    help='convnet, resnet, diffusion: a folder with train/ (and test/) '
+    'class folders, or train.tar.gz/test.tar.gz, or cifar-10-batches-py/; '
+    'transformer: a text file. Default: embedded data that needs no '
+    'download.',
   )
   p.add_argument(
     '--config',
@@ -330,13 +340,14 @@ def task_config(args: argparse.Namespace) -> Any:
   if args.epochs is not None:
     if budget != 'epochs':
       raise SystemExit(
-        f'--epochs is for image tasks; use --steps for {args.task}.'
+        f'--epochs is for convnet and resnet; use --steps for {args.task}.'
       )
     changes['epochs'] = args.epochs
   if args.steps is not None:
     if budget != 'steps':
       raise SystemExit(
-        f'--steps is for the transformer; use --epochs for {args.task}.'
+        f'--steps is for transformer and diffusion; use --epochs for '
+        f'{args.task}.'
       )
     changes['steps'] = args.steps
   if args.train_size is not None:
@@ -551,6 +562,7 @@ def summarize(results: dict[str, Any]) -> str:
     note = f' ({"; ".join(notes)})' if notes else ''
     lines.append(f'- {name}: {cells} → **{chosen:g}**{note}')
   lines += _max_logit_lines(results)
+  lines += _by_t_lines(results)
   lines += [
     '',
     f'![{task.metric} vs {unit}]({task.metric}_vs_{unit}.png)',
@@ -560,6 +572,29 @@ def summarize(results: dict[str, Any]) -> str:
     '',
   ]
   return '\n'.join(lines)
+
+
+def _by_t_lines(results: dict[str, Any]) -> list[str]:
+  """The test loss of each row at each fixed noise level (diffusion)."""
+  rows = {n: _by_t(runs) for n, runs in _by_row(results).items()}
+  rows = {n: v for n, v in rows.items() if v}
+  if not rows:
+    return []
+  ts = sorted(next(iter(rows.values())))
+  lines = [
+    '',
+    '## Test loss by noise level (mean ± std over seeds)',
+    '',
+    '| row | ' + ' | '.join(f't={t}' for t in ts) + ' |',
+    '|' + '---|' * (len(ts) + 1),
+  ]
+  for name, by_t in rows.items():
+    cells = [f'{by_t[t].mean():.4f} ± {by_t[t].std():.4f}' for t in ts]
+    lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
+  lines += ['', '![test loss by noise level](test_loss_by_t.png)']
+  if 'samples.png' in results.get('plots', ()):
+    lines += ['', '![samples](samples.png)']
+  return lines
 
 
 def _recorded_max_logits(runs: list[dict[str, Any]]) -> bool:
@@ -673,7 +708,94 @@ def plot(results: dict[str, Any], out: pathlib.Path) -> list[pathlib.Path]:
     paths.append(path)
   logits = plot_max_logits(results, out)
   layers = plot_layer_metrics(results, out)
-  return paths + [p for p in (logits, layers) if p]
+  by_t = plot_loss_by_t(results, out)
+  samples = plot_samples(results, out)
+  return paths + [p for p in (logits, layers, by_t, samples) if p]
+
+
+def _by_t(runs: list[dict[str, Any]]) -> dict[int, np.ndarray] | None:
+  """{timestep: the runs' test losses there}, if every run recorded them."""
+  if not runs or not all('test_loss_by_t' in r['final'] for r in runs):
+    return None
+  levels = runs[0]['final']['test_loss_by_t']
+  return {
+    int(t): np.array([r['final']['test_loss_by_t'][t] for r in runs])
+    for t in levels
+  }
+
+
+def plot_loss_by_t(
+  results: dict[str, Any], out: pathlib.Path
+) -> pathlib.Path | None:
+  """Each row's test loss at each fixed noise level (diffusion), as a
+  ratio to AdamW's (or the first row's) at that level."""
+  rows = {n: _by_t(runs) for n, runs in _by_row(results).items()}
+  rows = {n: v for n, v in rows.items() if v}
+  if not rows:
+    return None
+  import matplotlib  # pylint: disable=g-import-not-at-top
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  ref = 'adamw' if 'adamw' in rows else next(iter(rows))
+  ts = sorted(rows[ref])
+  base = np.array([rows[ref][t].mean() for t in ts])
+  fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+  for name, by_t in rows.items():
+    ax.plot(ts, [by_t[t].mean() for t in ts] / base, marker='o', label=name)
+  ax.set_xlabel('timestep t (noise level)')
+  ax.set_ylabel(f"test loss ÷ {ref}'s at that t")
+  ax.set_title(f'{results["task"]}: held-out loss by noise level (seed mean)')
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  path = out / 'test_loss_by_t.png'
+  fig.savefig(path)
+  plt.close(fig)
+  return path
+
+
+def _samples_png(run: dict[str, Any], out: pathlib.Path):
+  if 'samples' not in run or 'workdir' not in run:
+    return None
+  for base in (pathlib.Path(run['workdir']), out / run['workdir']):
+    if (base / run['samples']).is_file():
+      return base / run['samples']
+  return None
+
+
+def plot_samples(
+  results: dict[str, Any], out: pathlib.Path
+) -> pathlib.Path | None:
+  """The sample grids of each row's first seed, side by side (all drawn
+  from the same noise)."""
+  grids = {}
+  for name, runs in _by_row(results).items():
+    png = _samples_png(min(runs, key=lambda r: r['seed']), out)
+    if png is not None:
+      grids[name] = (png, min(r['seed'] for r in runs))
+  if not grids:
+    return None
+  import matplotlib  # pylint: disable=g-import-not-at-top
+
+  matplotlib.use('Agg')
+  import matplotlib.image as mpimg  # pylint: disable=g-import-not-at-top
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  fig, axes = plt.subplots(
+    1, len(grids), figsize=(3.2 * len(grids), 3.6), dpi=100, squeeze=False
+  )
+  for ax, (name, (png, seed)) in zip(axes[0], grids.items(), strict=True):
+    ax.imshow(mpimg.imread(png))
+    ax.set_title(f'{name} (seed {seed})', fontsize=9)
+    ax.axis('off')
+  fig.suptitle(f'{results["task"]}: samples from the same noise')
+  fig.tight_layout()
+  path = out / 'samples.png'
+  fig.savefig(path)
+  plt.close(fig)
+  return path
 
 
 def plot_max_logits(
@@ -767,7 +889,12 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
   lines = []
   for d in args.merge:
     path = pathlib.Path(d) / 'runs.partial.jsonl'
-    lines += [json.loads(x) for x in path.read_text().splitlines() if x]
+    for x in path.read_text().splitlines():
+      if x:
+        r = json.loads(x)
+        if 'workdir' in r:  # relative to its invocation's --out: to d
+          r['workdir'] = str(pathlib.Path(d) / r['workdir'])
+        lines.append(r)
   for r in lines:  # files written before rows had names
     r.setdefault('name', r['optimizer'])
   names = list(dict.fromkeys(r['name'] for r in lines))
@@ -841,19 +968,7 @@ def step_times(
 ) -> dict[str, Any]:
   """Each row's train step, timed round-robin after two warm-up steps."""
   task = TASKS[args.task]
-  rng = np.random.default_rng(0)
-  if task.budget == 'epochs':
-    n = config.batch_size
-    batch = (
-      rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
-      rng.integers(0, 10, n).astype(np.int32),
-      jax.random.key(0),
-      np.full(3, 0.5, np.float32),
-      np.full(3, 0.25, np.float32),
-    )
-  else:
-    x = rng.integers(0, 256, (config.batch_size, config.context), np.int32)
-    batch = (x, np.roll(x, -1, axis=1))
+  batch = train.example_batch(config)
   steps, num_params = {}, None
   for name, (base, kwargs) in rows.items():
     grid = grids[name]
@@ -919,16 +1034,22 @@ def _describe_budget(task: Task, config: Any, run: dict[str, Any]) -> str:
       f'{run["total_steps"]} steps = {config.epochs:g} epochs of '
       f'{run["steps_per_epoch"]} batches of {config.batch_size}'
     )
+  epochs = run['history'][-1]['epoch']
+  if hasattr(config, 'context'):
+    return (
+      f'{run["total_steps"]} steps of {config.batch_size}×{config.context} '
+      f'tokens ({epochs:.2f} epochs)'
+    )
   return (
-    f'{run["total_steps"]} steps of {config.batch_size}×{config.context} '
-    f'tokens ({run["history"][-1]["epoch"]:.2f} epochs)'
+    f'{run["total_steps"]} steps of {config.batch_size} images '
+    f'({epochs:.2f} epochs)'
   )
 
 
 def _write(results: dict[str, Any], out: pathlib.Path) -> None:
   results['analysis'] = analyze(results)
+  results['plots'] = [p.name for p in plot(results, out)]
   (out / 'results.json').write_text(json.dumps(results, indent=1))
-  plot(results, out)
   summary = summarize(results)
   (out / 'summary.md').write_text(summary)
   print(summary)
@@ -995,7 +1116,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg = _row_config(cfg, base, kwargs).replace(learning_rate=lr, seed=seed)
     suffix = '_search' if tune and not reuse else ''
     workdir = out / 'runs' / f'{name}_lr{lr:g}_seed{seed}{suffix}'
-    r = {'name': name, **train.train_and_evaluate(cfg, workdir)}
+    r = {
+      'name': name,
+      **train.train_and_evaluate(cfg, workdir),
+      'workdir': str(workdir.relative_to(out)),
+    }
     bar.update()
     tqdm.tqdm.write(
       f'  {name} lr={lr:g} seed={seed}: {task.metric} '

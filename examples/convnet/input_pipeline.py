@@ -4,9 +4,9 @@ Images are decoded once and cached as uint8 `.npy` arrays (outside the repo,
 in `~/.cache/muon_optax` unless told otherwise); later runs memory-map them.
 `get_datasets(config)` returns the train, validation and test splits.
 
-`convnet/input_pipeline.py` and `resnet/input_pipeline.py` are the same file
+`convnet/`, `resnet/` and `diffusion/input_pipeline.py` are the same file
 (a test keeps them so), so each example can be copied out on its own and
-both see the same splits.
+all see the same splits.
 """
 
 from collections.abc import Iterator

@@ -211,6 +211,19 @@ def create_train_state(
   return model, optimizer, step
 
 
+def example_batch(config: default.Config) -> tuple[Any, ...]:
+  """Arguments of one `step` (random images and labels), for timing it."""
+  rng = np.random.default_rng(0)
+  n = config.batch_size
+  return (
+    rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+    rng.integers(0, 10, n).astype(np.int32),
+    jax.random.key(0),
+    np.full(3, 0.5, np.float32),
+    np.full(3, 0.25, np.float32),
+  )
+
+
 def train_and_evaluate(
   config: default.Config, workdir: str | os.PathLike | None
 ) -> dict[str, Any]:

@@ -339,6 +339,13 @@ def create_train_state(
   )
 
 
+def example_batch(config: default.Config) -> tuple[Any, ...]:
+  """Arguments of one `step` (random tokens), for timing it."""
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 256, (config.batch_size, config.context), np.int32)
+  return x, np.roll(x, -1, axis=1)
+
+
 def train_and_evaluate(
   config: default.Config, workdir: str | os.PathLike | None
 ) -> dict[str, Any]:
