@@ -60,7 +60,8 @@ def eval_timesteps(n: int, levels: int, timesteps: int) -> np.ndarray:
 
 def eval_noise(key: jax.Array, first: int, n: int, shape) -> jax.Array:
   """The fixed noise of images `first..first+n-1`: image i's draw depends on
-  `key` and i alone, whatever the batch size."""
+  `key` and i alone, whatever the batch size, for a key whose draws under
+  `vmap` do not depend on the batch (threefry's, not 'rbg's)."""
   keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(first + jnp.arange(n))
   return jax.vmap(lambda k: jax.random.normal(k, shape))(keys)
 

@@ -156,9 +156,10 @@ def eval_step(model, images, t, first, alpha_bars):
   """Per-image denoising loss of images `first..` at their fixed timesteps
   `t`, with their fixed noise."""
   x0 = to_signed(images)
-  noise = ddpm.eval_noise(
-    jax.random.key(EVAL_SEED), first, x0.shape[0], x0.shape[1:]
-  )
+  # threefry whatever the default: its draws under vmap are the same for
+  # every batch size, so each image's noise is fixed (not so with 'rbg').
+  key = jax.random.key(EVAL_SEED, impl='threefry2x32')
+  noise = ddpm.eval_noise(key, first, x0.shape[0], x0.shape[1:])
   return ddpm.denoising_loss(model, x0, t, noise, alpha_bars)
 
 
@@ -203,6 +204,7 @@ def sample(model, config: default.Config, alpha_bars) -> np.ndarray:
 def image_grid(images: np.ndarray, columns: int = 8, gap: int = 2):
   """A (rows·(32+gap), columns·(32+gap), 3) uint8 mosaic of `images`."""
   n, h, w, c = images.shape
+  columns = min(columns, n)
   rows = -(-n // columns)
   grid = np.full((rows * (h + gap), columns * (w + gap), c), 255, np.uint8)
   for i, im in enumerate(images):
@@ -351,7 +353,10 @@ def train_and_evaluate(
   final = {'val_loss': history[-1]['val_loss']}
   if data.test is not None:
     test_loss, by_level = evaluate_on(data.test.images)
-    final.update(test_loss=test_loss, test_loss_by_t=by_level)
+    final.update(
+      test_loss=test_loss,
+      test_loss_by_t={str(t): v for t, v in by_level.items()},  # JSON keys
+    )
     logging.info('test_loss %.5f', test_loss)
   result = {
     'optimizer': config.optimizer,
