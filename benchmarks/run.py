@@ -351,10 +351,10 @@ def _train_step(model: nnx.Module, tx: optax.GradientTransformation):
 
 def _muon_ns_flops(model: nnx.Module) -> float:
   """NS FLOPs of one update, on the matrix views muon_optax uses."""
-  labels = jax.tree.leaves(muon_optax.param_labels(model))
+  labels = jax.tree.leaves(muon_optax.route(model).labels)
   params = jax.tree.leaves(nnx.state(model, nnx.Param))
   views = jax.tree.leaves(
-    muon_optax.matrix_views(model),
+    muon_optax.route(model).views,
     is_leaf=lambda v: v is None or isinstance(v, muon_optax.MatrixView),
   )
   total = 0

@@ -49,14 +49,9 @@ def test_module_rules_equal_the_traced_routing(name):
     lambda p, x: nnx.merge(graphdef, p, rest)(x), params, x
   )
   shapes = {k: v.shape for k, v in _flat(nnx.to_pure_dict(params)).items()}
-  labels, traced_labels = (
-    _flat(muon_optax.param_labels(model)),
-    _flat(traced.labels),
-  )
-  views, traced_views = (
-    _flat(muon_optax.matrix_views(model)),
-    _flat(traced.views),
-  )
+  routing = muon_optax.route(model)
+  labels, traced_labels = _flat(routing.labels), _flat(traced.labels)
+  views, traced_views = _flat(routing.views), _flat(traced.views)
   assert labels == traced_labels
   assert 'muon' in labels.values() and 'adam' in labels.values()
   for path, label in labels.items():

@@ -5,6 +5,7 @@ import importlib
 from muon_optax._alias import muon
 from muon_optax._alias import normuon
 from muon_optax._coeffs import resolve_ns_coeffs
+from muon_optax._describe import describe
 from muon_optax._diagnostics import UpdateStatsState
 from muon_optax._diagnostics import diagnostics
 from muon_optax._diagnostics import record_update_stats
@@ -15,10 +16,8 @@ from muon_optax._normuon import NorMuonState
 from muon_optax._normuon import scale_by_normuon
 from muon_optax._qk_clip import QKClipState
 from muon_optax._qk_clip import qk_clip
+from muon_optax._route import route
 from muon_optax._routing import Routing
-from muon_optax._routing import describe
-from muon_optax._routing import matrix_views
-from muon_optax._routing import param_labels
 from muon_optax._trace import trace_routing
 from muon_optax._transform import MuonState
 from muon_optax._transform import default_group_strategy
@@ -59,16 +58,15 @@ __all__ = (
   'default_group_strategy',
   'describe',
   'diagnostics',
-  'matrix_views',
   'max_logit_attention',
   'muon',
   'normuon',
   'orthogonality_error',
   'orthogonalize',
-  'param_labels',
   'qk_clip',
   'record_update_stats',
   'resolve_ns_coeffs',
+  'route',
   'scale_by_muon',
   'scale_by_normuon',
   'scale_by_shape',

@@ -9,14 +9,16 @@ from typing import Any
 import jax
 import optax
 
+from muon_optax import _binding
 from muon_optax import _checks
 from muon_optax import _diagnostics
 from muon_optax import _newton_schulz
 from muon_optax import _normuon
 from muon_optax import _paths
-from muon_optax import _routing
 from muon_optax import _transform
 from muon_optax._coeffs import NsCoeffs
+from muon_optax._routing import ADAM
+from muon_optax._routing import MUON
 
 
 def _mask_fn(mask: Any) -> Any:
@@ -33,7 +35,7 @@ def _mask_fn(mask: Any) -> Any:
 
 def _partition(
   args: Mapping[str, Any],
-  after_muon: Callable[[_routing.MatrixViews], optax.GradientTransformation]
+  after_muon: Callable[[_binding.MatrixViews], optax.GradientTransformation]
   | None = None,
 ) -> optax.GradientTransformation:
   """`muon`'s partition, from `muon`'s arguments by name.
@@ -45,10 +47,13 @@ def _partition(
   a = dict(args)
   views = a['matrix_views']
   labels = a['param_labels']
-  if views is None and isinstance(labels, _routing.Routing):
-    views = labels
-  elif views is None and _routing.is_model(labels):
-    views = _routing.routing(labels)
+  _binding.check_labels_arg(labels)
+  _binding.check_views_arg(views)
+  given = _binding.as_routing(labels)  # a Routing, or a model's
+  if given is not None:
+    labels = given
+    if views is None:
+      views = given
   muon_steps = [
     _transform.scale_by_muon(
       a['ns_coeffs'],
@@ -87,8 +92,8 @@ def _partition(
     mu_dtype=a['mu_dtype'],
   )
   tx = optax.partition(
-    {_routing.MUON: muon_tx, _routing.ADAM: adam_tx},
-    _routing.label_fn(labels),
+    {MUON: muon_tx, ADAM: adam_tx},
+    _binding.label_fn(labels, views),
   )
   if a['diagnostics']:
     tx = optax.chain(tx, _diagnostics.record_update_stats())
@@ -117,7 +122,7 @@ def muon(
   adam_eps_root: jax.typing.ArrayLike = 0.0,
   adam_weight_decay: jax.typing.ArrayLike = 0.0,
   param_labels: Any = None,
-  matrix_views: _routing.MatrixViews = None,
+  matrix_views: _binding.MatrixViews = None,
   group_strategy: str = 'auto',
   diagnostics: bool = False,
   mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
@@ -242,7 +247,7 @@ def normuon(
   adam_eps_root: jax.typing.ArrayLike = 0.0,
   adam_weight_decay: jax.typing.ArrayLike = 0.0,
   param_labels: Any = None,
-  matrix_views: _routing.MatrixViews = None,
+  matrix_views: _binding.MatrixViews = None,
   group_strategy: str = 'auto',
   diagnostics: bool = False,
   mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,

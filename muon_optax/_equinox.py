@@ -1,6 +1,6 @@
-"""Equinox support: routing rules from the layer types of a module.
+"""The Equinox source: what a module's parameters are, from its layer types.
 
-Loaded only when equinox is (`muon_optax._routing` asks for it when a user's
+Loaded only when equinox is (`muon_optax._route` asks for it when a user's
 object is an Equinox module), so `import muon_optax` never imports equinox.
 
 Equinox layers store PyTorch's layouts: `Linear.weight` is `(out, in)`, and
@@ -10,14 +10,14 @@ and a dilated input, so its fan-in is `in // groups * prod(spatial)` too).
 The views use negative axes, so a stacked (vmapped) layer's leading axes
 are a batch of matrices.
 
-Layer rules: `Linear`, `Conv*` and `ConvTranspose*` weights go to Muon
-(depthwise ones, one input channel per group, to Adam); `GRUCell` and
-`LSTMCell` weights are `(gates * hidden, in)` matrices, Muon; `Embedding`
-tables, norms (`LayerNorm`, `RMSNorm`, `GroupNorm`, `BatchNorm`), `PReLU`,
-`StateIndex` state and every bias go to Adam; any other leaf gets the
-plain-tree rules.
+Layers: `Linear`, `Conv*` and `ConvTranspose*` weights are matrices
+(depthwise ones, one input channel per group, are not); `GRUCell` and
+`LSTMCell` weights are `(gates * hidden, in)` matrices; `Embedding` tables,
+norms (`LayerNorm`, `RMSNorm`, `GroupNorm`, `BatchNorm`), `PReLU`,
+`StateIndex` state and every bias are not; any other leaf keeps the
+names-and-shapes decision.
 
-The output head is found two ways, and goes to Adam:
+The output head is found two ways:
 
 - by name: every layer under a field whose name matches `head_names` (as the
   plain-tree rules do, so a named head never moves back to Muon);
@@ -42,8 +42,13 @@ import equinox as eqx
 import jax
 import numpy as np
 
+from muon_optax import _names
 from muon_optax import _paths
-from muon_optax import _rules
+from muon_optax import _routing
+from muon_optax._routing import HEAD
+from muon_optax._routing import MATRIX
+from muon_optax._routing import OTHER
+from muon_optax._routing import Decision
 from muon_optax._views import MatrixView
 
 # (out, in) and (out, in // groups, *spatial) as (fan_in, fan_out).
@@ -129,75 +134,84 @@ def _output_layer(model: Any) -> tuple[KeyPath, Any, str] | None:
     path, node = path + last[0], last[1]
 
 
-def _layer_rules(
+def _layer_decisions(
   layer: Any, leaves: list[tuple[str, str, tuple[int, ...]]]
-) -> dict[str, _rules.Rule]:
-  """Rules for a known layer's own arrays: `(path, field, shape)` each."""
+) -> dict[str, Decision]:
+  """Decisions for a known layer's own arrays: `(path, field, shape)` each."""
   kind = type(layer).__name__
-  rules = {}
+  decisions = {}
   for path, field, shape in leaves:
     if isinstance(layer, _VECTOR_LAYERS):
       what = 'state' if isinstance(layer, eqx.nn.StateIndex) else field
-      rules[path] = _rules.Rule(_rules.ADAM, None, f'{what} ({kind})')
+      decisions[path] = Decision(OTHER, None, f'{what} ({kind})')
       continue
     if isinstance(layer, eqx.nn.Embedding):
-      rules[path] = _rules.Rule(_rules.ADAM, None, f'embedding ({kind})')
+      decisions[path] = Decision(OTHER, None, f'embedding ({kind})')
       continue
     is_weight = field == 'weight' or (
       isinstance(layer, _RECURRENT) and field in ('weight_ih', 'weight_hh')
     )
     if not is_weight:
-      rules[path] = _rules.Rule(_rules.ADAM, None, f'{field} ({kind})')
+      decisions[path] = Decision(OTHER, None, f'{field} ({kind})')
       continue
     if isinstance(layer, _CONV):
       own_ndim = layer.num_spatial_dims + 2
-      view = _rules.out_in_view(own_ndim)
-      why = 'conv (out, in, *spatial)'
+      view = _names.out_in_view(own_ndim)
       if layer.groups > 1 and layer.in_channels // layer.groups == 1:
-        label, why = _rules.ADAM, 'depthwise conv'
+        found = Decision(OTHER, view, f'depthwise conv ({kind})', conv=True)
       else:
-        label = _rules.MUON
+        found = Decision(
+          MATRIX, view, f'conv (out, in, *spatial) ({kind})', conv=True
+        )
     else:
       own_ndim = 2
-      view = _OUT_IN
-      label = _rules.MUON
       why = 'linear' if isinstance(layer, eqx.nn.Linear) else 'recurrent'
+      found = Decision(MATRIX, _OUT_IN, f'{why} ({kind})')
     if len(shape) < own_ndim:
-      continue  # not the layout this layer makes: keep the plain rule
-    rules[path] = _rules.Rule(label, view, f'{why} ({kind})')
-  return rules
+      continue  # not the layout this layer makes: keep the names' decision
+    decisions[path] = found
+  return decisions
 
 
-def module_rules(
-  module: eqx.Module, rules: dict[str, _rules.Rule], head_names: Sequence[str]
-) -> dict[str, _rules.Rule]:
-  """`rules` (the plain-tree ones) refined by the layer types."""
-  rules = dict(rules)
+def source(
+  module: eqx.Module,
+  *,
+  stacked: Sequence[str] = (),
+  head_names: Sequence[str] = _routing.HEAD_NAMES,
+  embed_names: Sequence[str] = _routing.EMBED_NAMES,
+) -> _routing.Source:
+  """The names-and-shapes decisions, refined by the layer types."""
+  del stacked  # a module shows stacked layers by its shapes
+  base = _names.source(
+    params(module), head_names=head_names, embed_names=embed_names
+  )
+  decisions = dict(base.decisions)
   known = (*_MATRIX_LAYERS, *_RECURRENT, *_VECTOR_LAYERS, eqx.nn.Embedding)
   named_head = False
   for mpath, sub in _modules(module):
     names = _paths.path_str(mpath).split('/')
-    in_head = any(_rules.matches(n, head_names) for n in names)
-    named_head = named_head or (in_head and _has_arrays(sub))
+    named = [n for n in names if _names.matches(n, head_names)]
+    named_head = named_head or (bool(named) and _has_arrays(sub))
     if not isinstance(sub, known):
       continue
     leaves = []
     for kp, x in _children(sub):
       path = _paths.path_str(mpath + kp)
-      if path in rules and not is_module(x):
+      if path in decisions and not is_module(x):
         leaves.append((path, _paths.path_str(kp[:1]), tuple(np.shape(x))))
-    for path, (label, view, why) in _layer_rules(sub, leaves).items():
-      if label == _rules.MUON and in_head:
-        label, why = _rules.ADAM, f'output head ({type(sub).__name__})'
-      rules[path] = _rules.Rule(label, view, why)
+    for path, found in _layer_decisions(sub, leaves).items():
+      if found.kind == MATRIX and named:
+        why = f'named {named[-1]!r}; {found.why}'
+        found = found._replace(kind=HEAD, why=why)
+      decisions[path] = found
   if not named_head:
     found = _output_layer(module)
     if found is not None:
       mpath, layer, container = found
       for kp, _ in _children(layer):
         path = _paths.path_str(mpath + kp)
-        rule = rules.get(path)
-        if rule is not None and rule.label == _rules.MUON:
-          why = f'output head (last layer of {container})'
-          rules[path] = _rules.Rule(_rules.ADAM, rule.view, why)
-  return rules
+        d = decisions.get(path)
+        if d is not None and d.kind == MATRIX:
+          why = f'the last layer of {container}; {d.why}'
+          decisions[path] = d._replace(kind=HEAD, why=why)
+  return _routing.Source('equinox', base.paths, base.shapes, decisions)

@@ -1,7 +1,8 @@
-"""Flax NNX support: routing rules from the layer types of a module.
+"""The Flax NNX source: what a module's parameters are, from its layer types.
 
-Loaded only when flax is (`muon_optax._routing` asks for it when a user's
-object could be an NNX module), so `import muon_optax` never imports flax.
+Loaded only when flax is (`muon_optax._route` asks for it when a user's
+object is an NNX module), so `import muon_optax` never imports flax. Layers
+it does not know keep the names-and-shapes decisions.
 """
 
 from collections.abc import Sequence
@@ -10,7 +11,12 @@ from typing import Any
 from flax import nnx
 import numpy as np
 
-from muon_optax import _rules
+from muon_optax import _names
+from muon_optax import _routing
+from muon_optax._routing import HEAD
+from muon_optax._routing import MATRIX
+from muon_optax._routing import OTHER
+from muon_optax._routing import Decision
 from muon_optax._views import MatrixView
 
 _KNOWN = (
@@ -21,14 +27,6 @@ _KNOWN = (
   nnx.LinearGeneral,
   nnx.Einsum,
 )
-
-
-def is_module(x: Any) -> bool:
-  return isinstance(x, nnx.Module)
-
-
-def is_variable(x: Any) -> bool:
-  return isinstance(x, nnx.Variable)
 
 
 def params(module: nnx.Module) -> Any:
@@ -52,12 +50,15 @@ def _einsum_view(einsum_str: str, ndim: int) -> MatrixView | None:
   return MatrixView(tuple(red), tuple(outs))
 
 
-def _layer_rule(module: Any, name: str, shape) -> _rules.Rule | None:
-  """The rule a param of a known NNX layer gets, or None if unknown."""
+def _layer_decision(module: Any, name: str) -> Decision | None:
+  """What a param of a known NNX layer is, or None if the layer is unknown."""
   if not isinstance(module, _KNOWN):
     return None
-  if name != 'kernel' and not isinstance(module, nnx.Embed):
-    return _rules.Rule(_rules.ADAM, None, name)
+  kind = type(module).__name__
+  if isinstance(module, nnx.Embed):
+    return Decision(OTHER, None, f'embedding ({kind})')
+  if name != 'kernel':
+    return Decision(OTHER, None, f'{name} ({kind})')
   if isinstance(module, (nnx.Conv, nnx.ConvTranspose)):
     num_spatial = len(module.kernel_size)
     if isinstance(module, nnx.ConvTranspose) and module.transpose_kernel:
@@ -66,47 +67,59 @@ def _layer_rule(module: Any, name: str, shape) -> _rules.Rule | None:
       view = MatrixView.conv(num_spatial)
     groups = getattr(module, 'feature_group_count', 1) or 1
     if groups > 1 and module.in_features // groups == 1:
-      return _rules.Rule(_rules.ADAM, view, 'depthwise conv')
-    return _rules.Rule(_rules.MUON, view, 'conv')
-  if isinstance(module, nnx.Embed):
-    return _rules.Rule(_rules.ADAM, None, 'embedding')
+      return Decision(OTHER, view, f'depthwise conv ({kind})', conv=True)
+    return Decision(MATRIX, view, f'conv ({kind})', conv=True)
   if isinstance(module, nnx.LinearGeneral):
     view = MatrixView.general(len(module.in_features), len(module.out_features))
-    return _rules.Rule(_rules.MUON, view, 'linear')
+    return Decision(MATRIX, view, f'linear ({kind})')
   if isinstance(module, nnx.Linear):
-    return _rules.Rule(_rules.MUON, MatrixView.dense(), 'linear')
+    return Decision(MATRIX, MatrixView.dense(), f'linear ({kind})')
   view = _einsum_view(module.einsum_str, len(module.kernel_shape))
-  return _rules.Rule(_rules.MUON, view, 'einsum') if view else None
+  return Decision(MATRIX, view, f'einsum ({kind})') if view else None
 
 
-def module_rules(
-  module: nnx.Module, rules: dict[str, _rules.Rule], head_names: Sequence[str]
-) -> dict[str, _rules.Rule]:
-  """`rules` (the plain-tree ones) refined by the layer types."""
-  rules = dict(rules)
+def source(
+  module: nnx.Module,
+  *,
+  stacked: Sequence[str] = (),
+  head_names: Sequence[str] = _routing.HEAD_NAMES,
+  embed_names: Sequence[str] = _routing.EMBED_NAMES,
+) -> _routing.Source:
+  """The names-and-shapes decisions, refined by the layer types."""
+  del stacked  # a module shows stacked layers by its shapes
+  base = _names.source(
+    params(module), head_names=head_names, embed_names=embed_names
+  )
+  decisions = dict(base.decisions)
+  attention = {}
   for mpath, sub in nnx.iter_graph(module):
     if not isinstance(sub, nnx.Module):
       continue
     prefix = '/'.join(str(p) for p in mpath)
+    if isinstance(sub, nnx.MultiHeadAttention):
+      q, k = f'{prefix}/query/kernel', f'{prefix}/key/kernel'
+      if q in decisions and k in decisions:
+        attention[prefix] = (q, k)
     # Any enclosing layer named as a head: a head may be a Sequential.
-    is_head = any(_rules.matches(str(p), head_names) for p in mpath)
+    named = [str(p) for p in mpath if _names.matches(str(p), head_names)]
     for name, var in vars(sub).items():
       if not isinstance(var, nnx.Param):
         continue
       path = f'{prefix}/{name}' if prefix else name
-      if path not in rules:
+      if path not in decisions:
         continue
-      shape = tuple(np.shape(var.get_value()))
-      found = _layer_rule(sub, name, shape)
+      found = _layer_decision(sub, name)
       if found is None:
-        continue  # keep the plain-tree rule
-      label, view, why = found
-      if view is not None:
+        continue  # keep the names-and-shapes decision
+      if found.view is not None:
         try:
-          view.resolve(shape)
+          found.view.resolve(tuple(np.shape(var.get_value())))
         except ValueError:
           continue
-      if label == _rules.MUON and is_head:
-        label, why = _rules.ADAM, 'output head'
-      rules[path] = _rules.Rule(label, view, f'{why} ({type(sub).__name__})')
-  return rules
+      if found.kind == MATRIX and named:
+        why = f'named {named[-1]!r}; {found.why}'
+        found = found._replace(kind=HEAD, why=why)
+      decisions[path] = found
+  return _routing.Source(
+    'nnx', base.paths, base.shapes, decisions, attention or base.attention
+  )

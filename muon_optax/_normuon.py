@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from muon_optax import _binding
 from muon_optax import _checks
 from muon_optax import _distributed
-from muon_optax import _routing
 from muon_optax import _views
 
 DEFAULT_B2 = 0.95
@@ -73,7 +73,7 @@ def _zeros_v(x: Any, view: _views.ResolvedView) -> jax.Array:
   return jnp.zeros(shape, dtype)
 
 
-def _check_like_v(leaves: list[_routing.BoundLeaf], v: Any) -> None:
+def _check_like_v(leaves: list[_binding.BoundLeaf], v: Any) -> None:
   """Raises, naming the path, when the updates do not fit the state."""
   have = [x.shape for x in jax.tree.leaves(v)]
   want = [(leaf.view.num_matrices, leaf.view.fan_out) for leaf in leaves]
@@ -127,7 +127,7 @@ def scale_by_normuon(
   b2: jax.typing.ArrayLike = DEFAULT_B2,
   eps: jax.typing.ArrayLike = DEFAULT_EPS,
   *,
-  matrix_views: _routing.MatrixViews = None,
+  matrix_views: _binding.MatrixViews = None,
 ) -> optax.GradientTransformation:
   r"""NorMuon: equalizes the output neurons of an orthogonalized update.
 
@@ -187,7 +187,7 @@ def scale_by_normuon(
   _checks.check_eps(eps)
 
   def init_fn(params):
-    leaves = _routing.bind_views(params, matrix_views)
+    leaves = _binding.bind_views(params, matrix_views)
     flat, treedef = jax.tree.flatten(params)
     v = list(flat)
     for leaf in leaves:
@@ -198,7 +198,7 @@ def scale_by_normuon(
 
   def update_fn(updates, state, params=None):
     del params
-    leaves = _routing.bind_views(updates, matrix_views)
+    leaves = _binding.bind_views(updates, matrix_views)
     _check_like_v(leaves, state.v)
     flat, treedef = jax.tree.flatten(updates)
     v_flat, v_treedef = jax.tree.flatten(state.v)

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from collections.abc import Mapping
 import fnmatch
 import re
+import sys
 from typing import Any
 from typing import TypeVar
 
@@ -32,13 +33,19 @@ def _key_str(key: Any) -> str:
   return str(key)
 
 
+# The array inside a parameter wrapper: an NNX Variable's value, a penzai
+# NamedArray's data.
+_WRAPPED = ('value', 'raw_value', 'data_array')
+
+
 def path_str(keypath: Iterable[Any]) -> str:
-  """Joins a JAX key path with '/', dropping a Variable's trailing `.value`."""
+  """Joins a JAX key path with '/', dropping the trailing `.value` of an NNX
+  Variable (and `.data_array` of a penzai NamedArray)."""
   keys = list(keypath)
   if (
     keys
     and isinstance(keys[-1], jax.tree_util.GetAttrKey)
-    and keys[-1].name in ('value', 'raw_value')
+    and keys[-1].name in _WRAPPED
   ):
     keys = keys[:-1]
   return '/'.join(_key_str(k) for k in keys)
@@ -49,6 +56,19 @@ def leaves_with_paths(
 ) -> list[tuple[str, Any]]:
   flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
   return [(path_str(kp), leaf) for kp, leaf in flat]
+
+
+def is_variable(x: Any) -> bool:
+  """An NNX Variable (without flax imported there can be none)."""
+  nnx = sys.modules.get('flax.nnx')
+  return nnx is not None and isinstance(x, nnx.Variable)
+
+
+def path_tree(tree: Any) -> Any:
+  """`tree` with each array leaf (each NNX Variable) replaced by its path."""
+  return jax.tree_util.tree_map_with_path(
+    lambda kp, _: path_str(kp), tree, is_leaf=is_variable
+  )
 
 
 def map_with_paths(fn: Callable[[str, Any], Any], tree: Any) -> Any:

@@ -21,6 +21,8 @@ import numpy as np
 import optax
 
 from muon_optax import _paths
+from muon_optax import _route
+from muon_optax import _routing
 from muon_optax import _views
 
 Layers = str | Sequence[str] | Mapping[str, tuple[str, str]] | None
@@ -94,27 +96,31 @@ def _normalize_layers(layers: Layers) -> dict[str, tuple[str, str]] | None:
   )
 
 
-def _find_layers(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
-  """Flax `MultiHeadAttention` layers: `<layer>/query/kernel` and key."""
-  found = {}
-  for path in shapes:
-    if path == 'query/kernel' or path.endswith('/query/kernel'):
-      layer = path[: -len('query/kernel')].rstrip('/')
-      key = f'{layer}/key/kernel' if layer else 'key/kernel'
-      if key in shapes:
-        found[layer] = (path, key)
-  if not found:
+def _find_layers(params: Any, matrix_views: Any) -> dict[str, Any]:
+  """The attention layers of a `Routing` (`matrix_views`, if one), else of
+  the source that reads `params`: {layer: (query kernel, key kernel)}."""
+  if isinstance(matrix_views, _routing.Routing):
+    attention, source = matrix_views.attention, matrix_views.source
+  else:
+    found = _route.source_of(params)  # its decisions: nothing to finish
+    attention, source = found.attention, found.name
+  if not attention:
     raise ValueError(
-      'qk_clip found no attention layer in the params (a '
-      "'<layer>/query/kernel' with a '<layer>/key/kernel', Flax's "
-      '`MultiHeadAttention` names); name the kernels with `layers`.'
+      f'qk_clip found no attention layer (read by {source}): the names '
+      "rules know Flax `MultiHeadAttention` kernels ('<layer>/query/kernel' "
+      "with '<layer>/key/kernel'), an NNX module its `MultiHeadAttention` "
+      'layers, and `trace_routing` the projections whose outputs meet in an '
+      'attention score. Pass such a Routing as `matrix_views`, or name the '
+      'kernels with `layers`.'
     )
-  return found
+  return dict(attention)
 
 
 def _view_lookup(matrix_views: Any):
   if matrix_views is None:
     return None
+  if isinstance(matrix_views, _routing.Routing):
+    matrix_views = matrix_views.views
   if _views.is_view_leaf(matrix_views):
     view = _views.as_matrix_view(matrix_views, '`matrix_views`')
     return lambda path: view
@@ -200,7 +206,7 @@ def _plan(
     )
   shapes = {p: tuple(np.shape(x)) for p, x in _paths.leaves_with_paths(params)}
   if layers is None:
-    layers = _find_layers(shapes)
+    layers = _find_layers(params, matrix_views)
   view_of = _view_lookup(matrix_views)
   logit_shapes = {}
   targets = {}
@@ -378,18 +384,20 @@ def qk_clip(
 
   Args:
     threshold: τ, the largest max logit left alone (Kimi K2: 100).
-    layers: None (find Flax `MultiHeadAttention` layers by name), a sequence
-      of layer paths (each with `query/kernel` and `key/kernel` under it), or
-      a mapping `{layer path: (query kernel path, key kernel path)}`. Paths
-      are '/'-joined keys, e.g. `'blocks/0/attn'`, as `muon_optax` writes
-      them for every tree (NNX Variables' `.value` dropped).
+    layers: None (the attention layers of the `Routing` given as
+      `matrix_views`, else of `muon_optax.route(params)`: Flax
+      `MultiHeadAttention` layers by their names), a sequence of layer paths
+      (each with `query/kernel` and `key/kernel` under it), or a mapping
+      `{layer path: (query kernel path, key kernel path)}`. Paths are
+      '/'-joined keys, e.g. `'blocks/0/attn'`, as `muon_optax` writes them
+      for every tree (NNX Variables' `.value` dropped).
     head_axis: the heads' axis of a q/k kernel without a matrix view; None
       is -2, Flax's `(d, heads, head_dim)` (None rather than -2 so that
       `optax.inject_hyperparams(qk_clip)` needs no `static_args`).
-    matrix_views: None, one `MatrixView` for all q/k kernels, or a (prefix)
-      tree of them such as `muon_optax.matrix_views(params)`: the head axis
-      of a kernel is the first output axis of its view, and its batch axes
-      are stacked layers.
+    matrix_views: None, a `Routing` (`route(model)`, `trace_routing(...)`:
+      its attention layers and views), one `MatrixView` for all q/k kernels,
+      or a (prefix) tree of them: the head axis of a kernel is the first
+      output axis of its view, and its batch axes are stacked layers.
     scale_bias: rescale each kernel's sibling `bias`, if any, with it.
 
   Returns:
@@ -422,7 +430,8 @@ def qk_clip(
     head_axis = -2
   elif not isinstance(head_axis, int) or isinstance(head_axis, bool):
     raise TypeError(f'`head_axis` must be an int or None, got {head_axis!r}.')
-  if matrix_views is not None and not _views.is_view_leaf(matrix_views):
+  checkable = not isinstance(matrix_views, _routing.Routing)
+  if checkable and not _views.is_view_leaf(matrix_views):
     entries = _paths.PathLookup(matrix_views, is_leaf=_views.is_view_leaf)
     for path, view in entries.entries.items():
       if view is not None:

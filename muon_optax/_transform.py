@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from muon_optax import _binding
 from muon_optax import _checks
 from muon_optax import _coeffs
 from muon_optax import _distributed
@@ -14,7 +15,6 @@ from muon_optax import _grouping
 from muon_optax import _metrics
 from muon_optax import _newton_schulz
 from muon_optax import _paths
-from muon_optax import _routing
 from muon_optax import _views
 
 GROUP_STRATEGIES = ('auto', 'stack', 'unroll', 'map')
@@ -122,7 +122,7 @@ def scale_by_muon(
   preconditioning: str = 'frobenius',
   bias_correction: bool = False,
   compute_dtype: jax.typing.DTypeLike | None = None,
-  matrix_views: _routing.MatrixViews = None,
+  matrix_views: _binding.MatrixViews = None,
   group_strategy: str = 'auto',
   diagnostics: bool = False,
   mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
@@ -226,7 +226,7 @@ def scale_by_muon(
     return seen[0] if seen else None
 
   def init_fn(params):
-    _routing.bind_views(params, matrix_views)  # raises on a non-matrix leaf
+    _binding.bind_views(params, matrix_views)  # raises on a non-matrix leaf
     found = _distributed.params_mesh(params)
     if found is not None:
       seen[:] = [found]
@@ -256,7 +256,7 @@ def scale_by_muon(
       nesterov=nesterov,
       bias_correction=bias_correction,
     )
-    leaves = _routing.bind_views(updates, matrix_views)
+    leaves = _binding.bind_views(updates, matrix_views)
     flat, treedef = jax.tree.flatten(lookahead)
     grads = jax.tree.leaves(updates)
     mats = [leaf.view.to_matrices(flat[leaf.index]) for leaf in leaves]
@@ -315,7 +315,7 @@ def scale_by_muon(
 
 
 def scale_by_shape(
-  matrix_views: _routing.MatrixViews = None,
+  matrix_views: _binding.MatrixViews = None,
   consistent_rms: jax.typing.ArrayLike | None = 0.2,
 ) -> optax.GradientTransformation:
   r"""Scales each leaf's update by a factor of its matrix view's shape.
@@ -346,13 +346,13 @@ def scale_by_shape(
     _checks.check_scalar(consistent_rms, 'consistent_rms', low=0.0, high=1e6)
 
   def init_fn(params):
-    _routing.bind_views(params, matrix_views)  # raises on a non-matrix leaf
+    _binding.bind_views(params, matrix_views)  # raises on a non-matrix leaf
     return optax.EmptyState()
 
   def update_fn(updates, state, params=None):
     del params
     flat, treedef = jax.tree.flatten(updates)
-    for leaf in _routing.bind_views(updates, matrix_views):
+    for leaf in _binding.bind_views(updates, matrix_views):
       scale = _views.shape_scale(*leaf.view.matrix_shape, consistent_rms)
       u = flat[leaf.index]
       flat[leaf.index] = (u * scale).astype(u.dtype)

@@ -15,7 +15,7 @@ def _params():
   rng = np.random.default_rng(0)
   return {
     'w': jnp.asarray(rng.standard_normal((12, 20)), jnp.float32),
-    'tall': jnp.asarray(rng.standard_normal((3, 3, 8, 6)), jnp.float32),
+    'conv': jnp.asarray(rng.standard_normal((3, 3, 8, 6)), jnp.float32),
     'b': jnp.asarray(rng.standard_normal(20), jnp.float32),
   }
 
@@ -33,11 +33,11 @@ def test_metrics_match_numpy_and_leave_updates_unchanged():
   plain = muon_optax.muon(0.02, **kwargs)
   traced = muon_optax.muon(0.02, diagnostics=True, **kwargs)
   sp, st = plain.init(params), traced.init(params)
-  assert set(muon_optax.diagnostics(st)) == {'w', 'tall', 'b'}
+  assert set(muon_optax.diagnostics(st)) == {'w', 'conv', 'b'}
   ref = reference.NumpyMuon(0.02, weight_decay=0.1)
   ref_params = {
     'w': np.asarray(params['w']),
-    'tall': np.asarray(params['tall']),
+    'conv': np.asarray(params['conv']),
   }
   step_t = jax.jit(traced.update)
   for step in range(3):
@@ -48,7 +48,7 @@ def test_metrics_match_numpy_and_leave_updates_unchanged():
       np.testing.assert_allclose(up[k], ut[k], rtol=1e-6, atol=1e-7)
     metrics = muon_optax.diagnostics(st)
     new_ref = ref.step(ref_params, {k: g[k] for k in ref_params})
-    for k in ('w', 'tall'):
+    for k in ('w', 'conv'):
       u = np.asarray(ref.momentum[k], np.float64)
       u = (1 - ref.beta) * np.asarray(g[k], np.float64) + ref.beta * u
       mat = u.reshape(-1, u.shape[-1])
@@ -126,7 +126,5 @@ def test_describe_lists_every_leaf():
   assert 'adam' in row and 'depthwise' in row
   assert lines[-1].startswith('muon: 7 leaves')
   stacked = {'layers': jnp.zeros((4, 16, 32))}
-  table = muon_optax.describe(
-    stacked, matrix_views=muon_optax.matrix_views(stacked, stacked=['layers'])
-  )
+  table = muon_optax.describe(muon_optax.route(stacked, stacked=['layers']))
   assert '4x(16x32)' in table

@@ -204,7 +204,7 @@ def test_nnx_optimizer_matches_the_functional_loop(labels):
     atol=1e-6,
   )
   assert losses[-1] < losses[0]
-  labels = muon_optax.param_labels(model)
+  labels = muon_optax.route(model).labels
   assert labels['fc1']['kernel'] == 'muon'
   assert labels['head']['kernel'] == 'adam'
 

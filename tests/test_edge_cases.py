@@ -148,8 +148,10 @@ class TestShapes:
   @pytest.mark.parametrize('shape', [(1, 64), (64, 1), (2, 2048), (2048, 2)])
   def test_thin_matrices_go_to_adam_by_default(self, shape):
     params = {'w': _normal(*shape)}
-    assert muon_optax.param_labels(params) == {'w': 'adam'}
-    updates, _ = _step(muon_optax.muon(0.1), params, params)
+    with pytest.warns(UserWarning, match='No parameter is on Muon'):
+      assert muon_optax.route(params).labels == {'w': 'adam'}
+    with pytest.warns(UserWarning, match='No parameter is on Muon'):
+      updates, _ = _step(muon_optax.muon(0.1), params, params)
     chex.assert_tree_all_finite(updates)
 
   @pytest.mark.parametrize('shape', [(4, 2048), (2048, 4), (1, 1000)])
@@ -236,7 +238,7 @@ class TestDtypes:
 
   def test_integer_vector_goes_to_adam(self):
     params = {'w': _normal(8, 8), 'step': jnp.arange(4, dtype=jnp.int32)}
-    assert muon_optax.param_labels(params)['step'] == 'adam'
+    assert muon_optax.route(params).labels['step'] == 'adam'
     updates, _ = _step(muon_optax.muon(0.1), params, params)
     chex.assert_tree_all_finite(updates)
 
@@ -258,7 +260,7 @@ class TestTrees:
 
   def test_scalar_leaves_go_to_adam(self):
     params = {'w': _normal(8, 8), 'temperature': jnp.float32(1.0)}
-    assert muon_optax.param_labels(params)['temperature'] == 'adam'
+    assert muon_optax.route(params).labels['temperature'] == 'adam'
     updates, _ = _step(muon_optax.muon(0.1), params, params)
     assert updates['temperature'].shape == ()
 
@@ -400,10 +402,19 @@ INIT_ERRORS = [
   ),
   (
     'label callable returning a bad label',
-    lambda: muon_optax.muon(0.1, param_labels=lambda p: 'lion'),
+    lambda: muon_optax.muon(
+      0.1, param_labels=lambda p: {'w': 'lion', 'b': 'adam'}
+    ),
     _P,
     ValueError,
     "the label 'lion'",
+  ),
+  (
+    'label callable returning one label for a tree of several leaves',
+    lambda: muon_optax.muon(0.1, param_labels=lambda p: 'adam'),
+    _P,
+    TypeError,
+    "returned is 'adam', not a tree",
   ),
   (
     'matrix_views entry of the wrong type',
@@ -457,33 +468,35 @@ ROUTING_ERRORS = [
   # (name, call, error, match)
   (
     'override with an unknown label',
-    lambda: muon_optax.param_labels(_P, overrides={'w': 'sgd'}),
+    lambda: muon_optax.route(_P, overrides={'w': 'sgd'}).labels,
     ValueError,
     r"`overrides\['w'\]` is 'sgd'",
   ),
   (
     'view override of the wrong type',
-    lambda: muon_optax.matrix_views(_P, overrides={'w': 'dense'}),
+    lambda: muon_optax.route(_P, view_overrides={'w': 'dense'}).views,
     TypeError,
-    r"`overrides\['w'\]` must be a muon_optax.MatrixView",
+    r"`view_overrides\['w'\]` must be a muon_optax.MatrixView",
   ),
   (
     'view override out of range',
-    lambda: muon_optax.matrix_views(
-      _P, overrides={'w': muon_optax.MatrixView((2,), (3,))}
+    lambda: (
+      muon_optax.route(
+        _P, view_overrides={'w': muon_optax.MatrixView((2,), (3,))}
+      ).views
     ),
     ValueError,
     "Parameter 'w': .*out of range",
   ),
   (
     'min_side 0',
-    lambda: muon_optax.param_labels(_P, min_side=0),
+    lambda: muon_optax.route(_P, min_side=0).labels,
     ValueError,
     'min_side=0',
   ),
   (
     'max_aspect below 1',
-    lambda: muon_optax.param_labels(_P, max_aspect=0.5),
+    lambda: muon_optax.route(_P, max_aspect=0.5).labels,
     ValueError,
     'max_aspect=0.5',
   ),
@@ -529,7 +542,7 @@ def test_stacked_with_a_module():
 
   model = nnx.Linear(4, 4, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match='`stacked` is for plain trees'):
-    muon_optax.param_labels(model, stacked=('layers',))
+    muon_optax.route(model, stacked=('layers',))
 
 
 @pytest.mark.parametrize('make', [muon_optax.scale_by_muon, muon_optax.muon])

@@ -121,8 +121,8 @@ def test_cnn_labels_and_matrix_shapes():
   assert set(params) == set(CNN_EXPECTED)
 
   rows = _table(muon_optax.describe(model))
-  labels = muon_optax.param_labels(model)
-  views = muon_optax.matrix_views(model)
+  labels = muon_optax.route(model).labels
+  views = muon_optax.route(model).views
   assert type(labels) is CNN and type(views) is CNN
   labels, views = _flat(labels), _flat(views, is_leaf=_is_view)
   for path, (label, matrix) in CNN_EXPECTED.items():
@@ -137,7 +137,7 @@ def test_cnn_labels_and_matrix_shapes():
       np.testing.assert_array_equal(got, w.reshape(w.shape[0], -1).T)
   assert rows['dw/weight'][2] == 'depthwise conv (Conv2d)'
   assert rows['embed/weight'][2] == 'embedding (Embedding)'
-  assert rows['head/weight'][2] == 'output head (Linear)'
+  assert rows['head/weight'][2] == "output head; named 'head'; linear (Linear)"
   assert rows['attn/query_proj/weight'][2] == 'linear (Linear)'
 
 
@@ -152,8 +152,8 @@ def test_trace_routing_agrees_with_the_module_rules():
   )
   # The module rules give the head's and the depthwise kernel's view too, as
   # the trace does; labels and views agree leaf by leaf.
-  views = _flat(muon_optax.matrix_views(model), is_leaf=_is_view)
-  labels = _flat(muon_optax.param_labels(model))
+  views = _flat(muon_optax.route(model).views, is_leaf=_is_view)
+  labels = _flat(muon_optax.route(model).labels)
   want = {p: (label, views[p]) for p, label in labels.items()}
   got = {p: (r.label, r.view) for p, r in traced.by_path().items()}
   assert got == want
@@ -192,7 +192,7 @@ def _whys(model):
 
 def test_output_layer_without_a_head_name():
   key = jax.random.key(1)
-  mlp_head = ('adam', 'output head (last layer of MLP)')
+  mlp_head = ('adam', 'output head; the last layer of MLP; linear (Linear)')
   # An MLP as the whole model: its last layer is the output layer.
   whys = _whys(build(eqx.nn.MLP, 8, 10, 32, 2, key=key))
   assert whys['layers/2/weight'] == mlp_head
@@ -204,7 +204,7 @@ def test_output_layer_without_a_head_name():
   assert rows['layers/2/weight'][2] == mlp_head[1]
   # The tutorial's list of layers ends with a Linear before a function.
   whys = _whys(build(Tutorial, key))
-  head = ('adam', 'output head (last layer of the model)')
+  head = ('adam', 'output head; the last layer of the model; linear (Linear)')
   assert whys['layers/7/weight'] == head
   assert whys['layers/6/weight'] == ('muon', 'linear (Linear)')
 
@@ -268,8 +268,14 @@ def test_no_output_layer_guessed_inside_blocks():
 
   whys = _whys(build(named, jax.random.key(2)))
   assert whys['mlp/layers/1/weight'] == linear
-  assert whys['head/layers/0/weight'] == ('adam', 'output head (Linear)')
-  assert whys['head/layers/2/weight'] == ('adam', 'output head (Linear)')
+  assert whys['head/layers/0/weight'] == (
+    'adam',
+    "output head; named 'head'; linear (Linear)",
+  )
+  assert whys['head/layers/2/weight'] == (
+    'adam',
+    "output head; named 'head'; linear (Linear)",
+  )
 
 
 def test_transposed_conv_recurrent_and_norm_layers():
@@ -297,7 +303,9 @@ def test_transposed_conv_recurrent_and_norm_layers():
   assert rows['cell/weight_ih'][:2] == ('muon', '8x48')
   assert rows['cell/weight_hh'][:2] == ('muon', '16x48')
   assert rows['norm/weight'] == ('adam', '-', 'weight (LayerNorm)')
-  assert rows['out/weight'][2] == 'output head (last layer of the model)'
+  assert rows['out/weight'][2] == (
+    'output head; the last layer of the model; conv (out, in, *spatial) (Conv2d)'
+  )
 
 
 def _batch(n=8):
@@ -349,8 +357,8 @@ def test_label_and_view_trees_that_are_modules():
   grads = jax.tree.map(
     lambda x: rng.standard_normal(x.shape).astype(np.float32), params
   )
-  labels = muon_optax.param_labels(model)
-  views = muon_optax.matrix_views(model)
+  labels = muon_optax.route(model).labels
+  views = muon_optax.route(model).views
   assert type(labels) is Small and type(views) is Small
 
   all_adam = jax.tree.map(lambda _: 'adam', params)  # built by hand
@@ -382,6 +390,6 @@ def test_label_and_view_trees_that_are_modules():
 
 def test_override_that_matches_nothing():
   with pytest.raises(ValueError, match=r"\['stemm'\] match no parameter"):
-    muon_optax.param_labels(cnn(), overrides={'stemm': 'adam'})
-  labels = _flat(muon_optax.param_labels(cnn(), overrides={'conv1': 'adam'}))
+    muon_optax.route(cnn(), overrides={'stemm': 'adam'})
+  labels = _flat(muon_optax.route(cnn(), overrides={'conv1': 'adam'}).labels)
   assert labels['conv1/weight'] == 'adam' and labels['conv2/weight'] == 'muon'

@@ -215,10 +215,43 @@ class QKClipTest(chex.TestCase):
     updates = _updates(rng, params)
     logits = {'attn': jnp.array([25.0, 1.0, 30.0, 1.0])}
     by_name = qk_clip(TAU)
-    by_view = qk_clip(TAU, matrix_views=muon_optax.matrix_views(params))
+    by_view = qk_clip(TAU, matrix_views=muon_optax.route(params).views)
     a, _ = _clip(by_name, updates, params, logits)
     b, _ = _clip(by_view, updates, params, logits)
     chex.assert_trees_all_equal(a, b)
+
+  def test_attention_found_by_the_trace_whatever_the_names(self):
+    """Kernels named `wq`, `wk` in a (heads, d, head_dim) layout: no name
+    rule knows them, the traced computation does."""
+    rng = np.random.default_rng(6)
+    params = {
+      'enc': {
+        'wq': _rand(rng, 4, 8, 3),
+        'wk': _rand(rng, 4, 8, 3),
+        'wv': _rand(rng, 4, 8, 3),
+        'wo': _rand(rng, 4, 3, 8),
+      }
+    }
+
+    def attention(p, x):
+      e = p['enc']
+      q = jnp.einsum('btd,hdk->bhtk', x, e['wq'])
+      k = jnp.einsum('btd,hdk->bhtk', x, e['wk'])
+      v = jnp.einsum('btd,hdk->bhtk', x, e['wv'])
+      w = jax.nn.softmax(jnp.einsum('bhtk,bhsk->bhts', q, k), -1)
+      return jnp.einsum('bhts,bhsk,hkd->btd', w, v, e['wo'])
+
+    x = jax.ShapeDtypeStruct((2, 5, 8), jnp.float32)
+    routing = muon_optax.trace_routing(attention, params, x)
+    assert routing.attention == {'enc': ('enc/wq', 'enc/wk')}
+    with self.assertRaisesRegex(ValueError, 'found no attention layer'):
+      qk_clip(TAU).init(params)
+    tx = qk_clip(TAU, matrix_views=routing)
+    updates = _updates(rng, params)
+    logits = {'enc': jnp.array([1.0, 20.0, 11.0, 2.0])}
+    new_updates, _ = _clip(tx, updates, params, logits)
+    targets = {p: ('enc', 0, 0.5) for p in ('enc/wq', 'enc/wk')}
+    _check_against_reference(params, updates, new_updates, targets, logits)
 
   def test_chain_forwards_max_logits_past_other_members(self):
     rng = np.random.default_rng(5)

@@ -9,7 +9,6 @@ import optax
 import pytest
 
 import muon_optax
-from muon_optax import _routing
 
 
 def _labels(tree):
@@ -75,7 +74,7 @@ class GPT(nnx.Module):
 
 
 def test_nnx_resnet_routing():
-  labels = _labels(muon_optax.param_labels(ResNet(rngs=nnx.Rngs(0))))
+  labels = _labels(muon_optax.route(ResNet(rngs=nnx.Rngs(0))).labels)
   muon = sorted(k for k, v in labels.items() if v == 'muon')
   assert muon == [
     'block1/conv1/kernel',
@@ -94,7 +93,7 @@ def test_nnx_resnet_routing():
 
 def test_nnx_transformer_routing_and_views():
   model = GPT(rngs=nnx.Rngs(0))
-  labels = _labels(muon_optax.param_labels(model))
+  labels = _labels(muon_optax.route(model).labels)
   muon = {k for k, v in labels.items() if v == 'muon'}
   for i in range(2):
     for name in ('query', 'key', 'value', 'out'):
@@ -104,7 +103,7 @@ def test_nnx_transformer_routing_and_views():
   assert labels['embed/embedding'] == 'adam'
   assert labels['lm_head/kernel'] == 'adam'
   assert labels['blocks/0/attn/query/bias'] == 'adam'  # (heads, head_dim)
-  views = _routing.route(model)
+  views = muon_optax.route(model).by_path()
   q = views['blocks/0/attn/query/kernel'][1].resolve((32, 4, 8))
   o = views['blocks/0/attn/out/kernel'][1].resolve((4, 8, 32))
   assert q.matrix_shape == (32, 32) and o.matrix_shape == (32, 32)
@@ -116,7 +115,7 @@ def test_nnx_stacked_layers_are_batches():
     return nnx.Linear(16, 48, rngs=nnx.Rngs(key))
 
   stacked = make(jax.random.split(jax.random.key(0), 6))
-  rules = _routing.route(stacked)
+  rules = muon_optax.route(stacked).by_path()
   label, view, _ = rules['kernel']
   resolved = view.resolve(stacked.kernel.shape)
   assert label == 'muon'
@@ -131,7 +130,7 @@ def test_nnx_einsum_and_transposed_conv_views():
       self.qkv = nnx.Einsum('btd,dhk->bthk', (32, 4, 8), rngs=rngs)
       self.up = nnx.ConvTranspose(8, 16, (3, 3), rngs=rngs)
 
-  rules = _routing.route(M())
+  rules = muon_optax.route(M()).by_path()
   assert rules['qkv/kernel'][1].resolve((32, 4, 8)).matrix_shape == (32, 32)
   assert rules['up/kernel'][1].resolve((3, 3, 8, 16)).matrix_shape == (72, 16)
 
@@ -157,13 +156,13 @@ class LinenLM(nn.Module):
 
 def test_linen_cnn_routing():
   params = LinenCNN().init(jax.random.key(0), jnp.ones((1, 8, 8, 3)))['params']
-  labels = _labels(muon_optax.param_labels(params))
+  labels = _labels(muon_optax.route(params).labels)
   assert labels['Conv_0/kernel'] == 'muon'
   assert labels['Conv_1/kernel'] == 'muon'
   # A depthwise Linen kernel is (3, 3, 1, 32): a 9 x 32 matrix is not
   # degenerate, so a plain tree cannot tell it from a thin conv; say so.
   labels = _labels(
-    muon_optax.param_labels(params, overrides={'Conv_2': 'adam'})
+    muon_optax.route(params, overrides={'Conv_2': 'adam'}).labels
   )
   assert labels['Conv_2/kernel'] == 'adam'
   assert labels['head/kernel'] == 'adam'
@@ -174,14 +173,14 @@ def test_linen_transformer_routing_and_views():
   params = LinenLM().init(jax.random.key(0), jnp.ones((1, 8), jnp.int32))[
     'params'
   ]
-  labels = _labels(muon_optax.param_labels(params))
+  labels = _labels(muon_optax.route(params).labels)
   assert labels['Embed_0/embedding'] == 'adam'
   assert labels['lm_head/kernel'] == 'adam'
   attn = 'MultiHeadDotProductAttention_0'
   for name in ('query', 'key', 'value', 'out'):
     assert labels[f'{attn}/{name}/kernel'] == 'muon'
     assert labels[f'{attn}/{name}/bias'] == 'adam'
-  rules = _routing.route(params)
+  rules = muon_optax.route(params).by_path()
   assert rules[f'{attn}/query/kernel'][1].resolve((32, 4, 8)).matrix_shape == (
     32,
     32,
@@ -199,7 +198,7 @@ def test_degenerate_matrices_go_to_adam():
     'aspect': jnp.ones((8, 2048)),
     'ok': jnp.ones((8, 1024)),
   }
-  labels = muon_optax.param_labels(params)
+  labels = muon_optax.route(params).labels
   assert labels == {
     'thin': 'adam',
     'narrow': 'adam',
@@ -210,9 +209,10 @@ def test_degenerate_matrices_go_to_adam():
 
 def test_stacked_plain_tree():
   params = {'layers': {'kernel': jnp.ones((6, 16, 48))}}
-  default = muon_optax.matrix_views(params)['layers']['kernel']
+  with pytest.warns(UserWarning, match="guessed.*'layers/kernel'"):
+    default = muon_optax.route(params).views['layers']['kernel']
   assert default.resolve((6, 16, 48)).matrix_shape == (96, 48)  # conv1d
-  views = muon_optax.matrix_views(params, stacked=['layers'])
+  views = muon_optax.route(params, stacked=['layers']).views
   resolved = views['layers']['kernel'].resolve((6, 16, 48))
   assert resolved.num_matrices == 6 and resolved.matrix_shape == (16, 48)
 
@@ -222,22 +222,22 @@ def test_overrides_win():
     'stem': {'kernel': jnp.ones((3, 3, 3, 16))},
     'fc': {'kernel': jnp.ones((16, 10))},
   }
-  labels = muon_optax.param_labels(
+  labels = muon_optax.route(
     params, overrides={'stem': 'adam', 'fc/*': 'muon', 'fc': 'adam'}
-  )
+  ).labels
   # First match wins: 'fc/*' before 'fc'.
   assert labels == {'stem': {'kernel': 'adam'}, 'fc': {'kernel': 'muon'}}
-  labels = muon_optax.param_labels(params, overrides={'fc/kernel': 'adam'})
+  labels = muon_optax.route(params, overrides={'fc/kernel': 'adam'}).labels
   assert labels['fc']['kernel'] == 'adam' and labels['stem']['kernel'] == 'muon'
 
 
 def test_an_override_that_matches_nothing_is_an_error():
   params = {'stem': {'kernel': jnp.ones((3, 3, 3, 16))}}
   with pytest.raises(ValueError, match=r"\['stemm'\] match no parameter"):
-    muon_optax.param_labels(params, overrides={'stemm': 'adam'})
+    muon_optax.route(params, overrides={'stemm': 'adam'})
   with pytest.raises(ValueError, match="'stemm'"):
-    muon_optax.matrix_views(
-      params, overrides={'stemm': muon_optax.MatrixView.conv(2)}
+    muon_optax.route(
+      params, view_overrides={'stemm': muon_optax.MatrixView.conv(2)}
     )
 
 
@@ -262,7 +262,7 @@ def test_nnx_optimizer_end_to_end(how):
   model = ResNet(rngs=nnx.Rngs(0))
   labels = {
     'module': model,
-    'label_tree': muon_optax.param_labels(model),
+    'label_tree': muon_optax.route(model).labels,
     'default': None,
   }[how]
   tx = muon_optax.muon(3e-3, param_labels=labels, weight_decay=0.01)
@@ -299,9 +299,9 @@ def test_linen_train_state_end_to_end():
   variables = model.init(jax.random.key(0), x)
   tx = muon_optax.muon(
     2e-2,
-    param_labels=muon_optax.param_labels(
+    param_labels=muon_optax.route(
       variables['params'], overrides={'Conv_2': 'adam'}
-    ),
+    ).labels,
   )
   state = train_state.TrainState.create(
     apply_fn=model.apply, params=variables['params'], tx=tx
@@ -368,7 +368,7 @@ class TestErrors:
 
   def test_bad_override_label(self):
     with pytest.raises(ValueError, match="overrides\\['fc'\\]"):
-      muon_optax.param_labels({'fc': jnp.ones((4, 4))}, overrides={'fc': 'sgd'})
+      muon_optax.route({'fc': jnp.ones((4, 4))}, overrides={'fc': 'sgd'})
 
 
 def test_optax_dimension_numbers_are_accepted():
@@ -391,9 +391,11 @@ def test_describe_says_when_the_rules_had_to_guess():
     'Dense_1': {'kernel': jnp.zeros((16, 10))},
     'x': jnp.zeros((3, 8, 8)),
   }
-  text = muon_optax.describe(params)
+  with pytest.warns(UserWarning, match=r"guessed from their shapes \('x'\)"):
+    text = muon_optax.describe(params)
   assert 'no output head was found by name' in text
-  assert 'guessed conv layout' in text and "note: 'guessed'" in text
+  assert 'guessed conv layout' in text
+  assert 'warning: The layouts of 1 leaves with three or more axes' in text
   named = {
     'Conv_0': {'kernel': jnp.zeros((3, 3, 8, 16))},
     'head': params['Dense_1'],
@@ -409,7 +411,7 @@ def test_pytorch_style_dotted_keys():
     'lm_head.weight': jnp.zeros((100, 64)),
     'tok_emb.weight': jnp.zeros((100, 64)),
   }
-  labels = muon_optax.param_labels(params)
+  labels = muon_optax.route(params).labels
   assert labels == {
     'conv1.weight': 'muon',
     'layer1.0.conv1.weight': 'muon',
@@ -417,10 +419,10 @@ def test_pytorch_style_dotted_keys():
     'lm_head.weight': 'adam',
     'tok_emb.weight': 'adam',
   }
-  views = muon_optax.matrix_views(params)
+  views = muon_optax.route(params).views
   shape = views['layer1.0.conv1.weight'].resolve((64, 64, 3, 3)).matrix_shape
   assert shape == (576, 64)  # (in·kh·kw, out) from the (out, in, kh, kw) layout
-  relabelled = muon_optax.param_labels(params, overrides={'lm_head': 'muon'})
+  relabelled = muon_optax.route(params, overrides={'lm_head': 'muon'}).labels
   assert relabelled['lm_head.weight'] == 'muon'
 
 

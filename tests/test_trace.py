@@ -38,7 +38,7 @@ def _muon(view, matrix, why='dot_general operand'):
 
 
 def _head(view, matrix):
-  return ('adam', view, matrix, 'output head (reaches the output)')
+  return ('adam', view, matrix, 'output head; reaches the output')
 
 
 def _check(routing, params, expected):
@@ -406,11 +406,13 @@ def plain_oihw(head='adam'):
     'unused': jax.ShapeDtypeStruct((8, 8), jnp.float32),
   })  # fmt: skip
   x = jnp.zeros((2, 3, 8, 8))
-  routing = trace_routing(_plain_convnet, params, x, head=head)
+  routing = muon_optax.route(
+    trace_routing(_plain_convnet, params, x), head=head
+  )
   if head == 'adam':
     w = _head(DENSE, '32x10')
   else:
-    w = _muon(DENSE, '32x10', "output head kept on Muon (head='muon')")
+    w = _muon(DENSE, '32x10', "output head, kept on Muon (head='muon')")
   expected = {
     'c1': _muon(OIHW, '27x16', 'conv kernel (OIHW) 3x3x3 -> 27x16'),
     'b1': EW,
@@ -700,7 +702,10 @@ def left_to_adam():
     'b': jax.ShapeDtypeStruct((8, 5), jnp.float32),
     'gain': jax.ShapeDtypeStruct((), jnp.float32),
   })  # fmt: skip
-  return trace_routing(fn, params, jnp.zeros((3, 8)), head='muon'), params
+  with pytest.warns(UserWarning, match='No parameter is on Muon'):
+    routing = trace_routing(fn, params, jnp.zeros((3, 8)))
+  with pytest.warns(UserWarning, match='No parameter is on Muon'):
+    return muon_optax.route(routing, head='muon'), params
 
 
 def test_what_is_left_to_adam_and_why():
@@ -753,24 +758,122 @@ def test_traces_without_running_or_compiling():
 
 def test_routing_object_and_errors():
   params = {'w': jnp.zeros((8, 8)), 'b': jnp.zeros(8)}
-  routing = trace_routing(
-    lambda p, x: x @ p['w'] + p['b'],
-    params,
-    1.0 * jnp.ones((2, 8)),
-    head='muon',
-  )
+  with pytest.warns(UserWarning, match='No parameter is on Muon'):
+    traced = trace_routing(
+      lambda p, x: x @ p['w'] + p['b'], params, jnp.ones((2, 8))
+    )
+  assert traced.labels == {'w': 'adam', 'b': 'adam'}  # the head
+  routing = muon_optax.route(traced, head='muon')
   # One opaque object for optax, not a pytree of its fields.
   assert jax.tree.leaves(routing) == [routing]
-  assert repr(routing) == 'Routing(1 muon leaves, 1 adam leaves)'
+  assert repr(routing) == 'Routing(1 muon leaves, 1 adam leaves, from trace)'
   assert routing.by_path()['w'][0] == 'muon'
   assert routing.muon_views() == {'w': DENSE, 'b': None}
   with pytest.raises(ValueError, match='`head`'):
-    trace_routing(lambda p, x: x, params, 1.0, head='sgd')
+    muon_optax.route(routing, head='sgd')
+  # Every keyword goes to the traced function: none is taken as an option.
+  seen = {}
+  with pytest.warns(UserWarning, match='No parameter is on Muon'):
+    trace_routing(lambda p, x, head: seen.setdefault('head', head) and x,
+                  params, 1.0, head='muon')  # fmt: skip
+  assert seen == {'head': 'muon'}
   with pytest.raises(TypeError, match="Parameter 'name'"):
     trace_routing(lambda p, x: x, {'name': 'abc'}, 1.0)
   # Non-array arguments pass through as they are (flags).
-  flag = trace_routing(
-    lambda p, x, *, use: x @ p['w'] if use else x, params, jnp.ones((2, 8)),
-    use=False,
-  )  # fmt: skip
+  with pytest.warns(UserWarning, match='No parameter is on Muon'):
+    flag = trace_routing(
+      lambda p, x, *, use: x @ p['w'] if use else x, params, jnp.ones((2, 8)),
+      use=False,
+    )  # fmt: skip
   assert flag.reasons['w'] == 'unused'
+
+
+# -- Extra outputs, one-hot lookups, stop_gradient ------------------------
+
+
+def _plain_bn_net(p, x):
+  """Two convs with batch statistics, returned beside the logits."""
+  dn = ('NHWC', 'HWIO', 'NHWC')
+  stats = []
+  for k in ('c1', 'c2'):
+    x = lax.conv_general_dilated(x, p[k], (1, 1), 'SAME', dimension_numbers=dn)
+    mean, var = x.mean((0, 1, 2)), x.var((0, 1, 2))
+    stats.append((mean, var))
+    x = jax.nn.relu((x - mean) / jnp.sqrt(var + 1e-5))
+  return x.mean((1, 2)) @ p['w'], stats
+
+
+def test_returned_batch_statistics_make_no_heads():
+  params = {
+    'c1': jax.ShapeDtypeStruct((3, 3, 3, 8), jnp.float32),
+    'c2': jax.ShapeDtypeStruct((3, 3, 8, 16), jnp.float32),
+    'w': jax.ShapeDtypeStruct((16, 10), jnp.float32),
+  }
+  x = jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32)
+  both = trace_routing(_plain_bn_net, params, x)
+  stats_only = trace_routing(lambda p, x: _plain_bn_net(p, x)[1], params, x)
+  logits_only = trace_routing(lambda p, x: _plain_bn_net(p, x)[0], params, x)
+  expected = {'c1': 'muon', 'c2': 'muon', 'w': 'adam'}
+  assert both.labels == logits_only.labels == expected
+  # The statistics alone: c2's feed no later matmul in that function.
+  assert stats_only.labels['c1'] == 'muon'
+
+
+def test_one_hot_matmuls_are_lookups_tied_or_not():
+  params = {
+    'table': jax.ShapeDtypeStruct((50, 16), jnp.float32),
+    'w': jax.ShapeDtypeStruct((16, 16), jnp.float32),
+    'out': jax.ShapeDtypeStruct((16, 50), jnp.float32),
+  }
+  tokens = jax.ShapeDtypeStruct((2, 8), jnp.int32)
+
+  def lm(p, t):
+    x = jax.nn.one_hot(t, 50) @ p['table']
+    return jnp.tanh(x @ p['w']) @ p['out']
+
+  def tied(p, t):
+    x = (t[..., None] == jnp.arange(50)).astype(jnp.float32) @ p['table']
+    return jnp.tanh(x @ p['w']) @ p['table'].T
+
+  routing = trace_routing(lm, params, tokens)
+  assert routing.labels == {'table': 'adam', 'w': 'muon', 'out': 'adam'}
+  assert routing.reasons['table'].startswith('one-hot dot_general')
+  routing = trace_routing(tied, {k: params[k] for k in ('table', 'w')}, tokens)
+  assert routing.labels == {'table': 'adam', 'w': 'muon'}
+  assert 'tied output head' in routing.reasons['table']
+  # A one-hot of float data is no lookup: a matmul like any other.
+  dense = trace_routing(
+    lambda p, x: jnp.tanh(x @ p['table']) @ p['w'],
+    {k: params[k] for k in ('table', 'w')},
+    jax.ShapeDtypeStruct((2, 50), jnp.float32),
+  )
+  assert dense.labels['table'] == 'muon'
+
+
+def test_a_prediction_fed_back_through_stop_gradient_stays_a_head():
+  """Self-conditioning: the first pass's output, gradients stopped, is an
+  input of the second pass; the head is still the head."""
+  params = {
+    'w1': jax.ShapeDtypeStruct((8, 32), jnp.float32),
+    'w2': jax.ShapeDtypeStruct((32, 8), jnp.float32),
+  }
+
+  def model(p, x):
+    return jnp.tanh(x @ p['w1']) @ p['w2']
+
+  def self_conditioned(p, x):
+    first = lax.stop_gradient(model(p, x))
+    return model(p, x + first)
+
+  def fed_back(p, x):  # without stop_gradient w2 does feed a matmul
+    return model(p, x + model(p, x))
+
+  x = jax.ShapeDtypeStruct((4, 8), jnp.float32)
+  assert trace_routing(self_conditioned, params, x).labels == {
+    'w1': 'muon',
+    'w2': 'adam',
+  }
+  assert trace_routing(fed_back, params, x).labels == {
+    'w1': 'muon',
+    'w2': 'muon',
+  }

@@ -270,8 +270,8 @@ def test_cifar_archive_loads():
 def test_head_names_moves_only_the_head_to_muon():
   config = _tiny(head_names=())
   model = train.create_model(config, 10)
-  labels, _ = train.muon_routing(config, model)
-  default_labels = muon_optax.param_labels(model)
+  labels = train.muon_routing(config, model).labels
+  default_labels = muon_optax.route(model).labels
   changed = {
     jax.tree_util.keystr(path): label
     for (path, label), (_, before) in zip(

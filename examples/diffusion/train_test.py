@@ -140,7 +140,7 @@ def test_unet_shapes_and_parameters():
 
 
 def _labels_by_path(model):
-  leaves = jax.tree_util.tree_leaves_with_path(muon_optax.param_labels(model))
+  leaves = jax.tree_util.tree_leaves_with_path(muon_optax.route(model).labels)
   return {
     '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path): v
     for path, v in leaves

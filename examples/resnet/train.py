@@ -36,17 +36,13 @@ def create_learning_rate_schedule(
   )
 
 
-def muon_routing(config: default.Config, model: nnx.Module) -> tuple[Any, Any]:
-  """`(param_labels, matrix_views)` of the `muon` and `normuon` rows.
-
-  The model itself (the library's rules and the module's views), or with
-  `config.head_names` the module's rules with those head patterns; the views
-  stay the module's either way.
-  """
+def muon_routing(config: default.Config, model: nnx.Module) -> Any:
+  """`param_labels` of the `muon` and `normuon` rows: the model itself (the
+  library's routing of its layer types), or with `config.head_names` that
+  routing with those head patterns."""
   if config.head_names is None:
-    return model, None
-  labels = muon_optax.param_labels(model, head_names=config.head_names)
-  return labels, muon_optax.matrix_views(model)
+    return model
+  return muon_optax.route(model, head_names=config.head_names)
 
 
 def create_optimizer(
@@ -63,20 +59,16 @@ def create_optimizer(
     raise ValueError(
       f'`head_names` routes `muon` and `normuon`; `optimizer` is {name!r}.'
     )
-  labels, views = muon_routing(config, model)
+  labels = muon_routing(config, model)
 
   def make(learning_rate):
     schedule = create_learning_rate_schedule(
       learning_rate, total_steps, config.warmup_fraction
     )
     if name == 'muon':  # routing from the model: convs to Muon, the rest Adam
-      return muon_optax.muon(
-        schedule, param_labels=labels, matrix_views=views, **kwargs
-      )
+      return muon_optax.muon(schedule, param_labels=labels, **kwargs)
     if name == 'normuon':  # muon + NorMuon's per-neuron normalization
-      return muon_optax.normuon(
-        schedule, param_labels=labels, matrix_views=views, **kwargs
-      )
+      return muon_optax.normuon(schedule, param_labels=labels, **kwargs)
     if name == 'adamw':
       return optax.adamw(schedule, **{'weight_decay': 0.0, **kwargs})
     if name == 'nadamw':
@@ -256,8 +248,7 @@ def train_and_evaluate(
   diagnostics = bool(config.optimizer_kwargs.get('diagnostics'))
   routing = None
   if config.optimizer == 'muon':
-    labels, views = muon_routing(config, model)
-    routing = muon_optax.describe(model, labels, matrix_views=views)
+    routing = muon_optax.describe(muon_routing(config, model))
   logging.info(
     '%s: %d parameters; %s at peak lr %g; %d steps (%d per epoch)',
     model_name(config),

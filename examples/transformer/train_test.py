@@ -195,8 +195,8 @@ def test_qk_clip_flag_records_and_caps_the_logits():
 def test_head_names_moves_only_the_head_to_muon():
   config = _tiny(head_names=())
   model = train.create_model(config)
-  labels, _ = train.muon_routing(config, model)
-  default_labels = muon_optax.param_labels(model)
+  labels = train.muon_routing(config, model).labels
+  default_labels = muon_optax.route(model).labels
   changed = {
     jax.tree_util.keystr(path): label
     for (path, label), (_, before) in zip(
