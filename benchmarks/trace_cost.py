@@ -29,8 +29,8 @@ import jax.numpy as jnp
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import muon_optax  # noqa: E402
+from muon_optax import trace_routing  # noqa: E402
 from muon_optax._paths import leaves_with_paths  # noqa: E402
-from muon_optax._trace import trace_routing  # noqa: E402
 
 
 class GPTBlock(nn.Module):
@@ -165,11 +165,7 @@ def _measure(fn, params, x, runs: int) -> dict[str, Any]:
   table = routing.by_path()
   sizes = {path: leaf.size for path, leaf in leaves_with_paths(params)}
   muon = [p for p, (label, _, _) in table.items() if label == 'muon']
-  tx = muon_optax.muon(
-    learning_rate=1e-3,
-    param_labels=routing.labels,
-    matrix_views=routing.muon_views(),
-  )
+  tx = muon_optax.muon(learning_rate=1e-3, param_labels=routing)
   state = jax.eval_shape(tx.init, params)
   t0 = time.perf_counter()
   jax.jit(tx.update).lower(params, state, params).compile()
