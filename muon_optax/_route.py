@@ -56,9 +56,9 @@ def is_linen_module(x: Any) -> bool:
 
 
 LINEN_LINE = (
-  "muon_optax.trace_routing(lambda p, x: model.apply({'params': p, "
-  "'batch_stats': batch_stats}, x, train=True, mutable=['batch_stats']), "
-  'params, x)'
+  "muon_optax.trace_routing(lambda p, s, x: model.apply({'params': p, "
+  "'batch_stats': s}, x, train=True, mutable=['batch_stats']), params, "
+  'batch_stats, x)'
 )
 
 

@@ -180,27 +180,29 @@ def trace_routing(
   own. Finish the result with `muon_optax.route(routing, head=...,
   overrides=..., view_overrides=..., min_side=..., max_aspect=...)`.
 
-  One line per library (x: an input batch, arrays or
-  `jax.ShapeDtypeStruct`s):
+  One line per library (x: an input batch; params, state and x may be
+  arrays or `jax.ShapeDtypeStruct`s; docs/routing.md runs each):
 
-  - Flax Linen with BatchNorm: `trace_routing(lambda p, x: model.apply(
-    {'params': p, 'batch_stats': stats}, x, train=True,
-    mutable=['batch_stats']), params, x)`
+  - Flax Linen with BatchNorm: `trace_routing(lambda p, s, x: model.apply(
+    {'params': p, 'batch_stats': s}, x, train=True,
+    mutable=['batch_stats']), params, stats, x)`
   - Flax NNX: `graphdef, state, rest = nnx.split(model, nnx.Param, ...)`;
-    `trace_routing(lambda s, x: nnx.merge(graphdef, s, rest)(x), state, x)`
+    `trace_routing(lambda s, r, x: nnx.merge(graphdef, s, r)(x), state,
+    rest, x)`
   - Equinox: `params, static = eqx.partition(model, eqx.is_inexact_array)`;
     `trace_routing(lambda p, x: eqx.combine(p, static)(x), params, x)`
   - Haiku: `f = hk.transform_with_state(forward)`;
-    `trace_routing(lambda p, x: f.apply(p, state, None, x), params, x)`
+    `trace_routing(lambda p, s, x: f.apply(p, s, None, x, True), params,
+    state, x)`
   - keras 3 (JAX backend): `names = [v.path for v in
-    model.trainable_variables]`; `trace_routing(lambda p, x:
-    model.stateless_call([p[n] for n in names], [v.value for v in
-    model.non_trainable_variables], x, training=True), dict(zip(names,
-    [v.value for v in model.trainable_variables])), x)`
-  - penzai: `model, params = pz.unbind_params(model, freeze=True)`;
-    `trace_routing(lambda p, x: pz.bind_variables(model, p)(x), {p.label:
-    p.value for p in params}, x)` (see the README for the named-array
-    unwrapping)
+    model.trainable_variables]`; `trace_routing(lambda p, s, x:
+    model.stateless_call([p[n] for n in names], s, x, training=True),
+    dict(zip(names, [v.value for v in model.trainable_variables])),
+    [v.value for v in model.non_trainable_variables], x)`
+  - penzai: `unbound, frozen = pz.unbind_params(model, freeze=True)`;
+    `trace_routing(lambda p, x: pz.bind_variables(unbound,
+    [pz.ParameterValue(value=v, label=k) for k, v in p.items()])(x),
+    {p.label: p.value for p in frozen}, x)`
   - plain JAX: `trace_routing(loss_fn, params, batch)`
 
   Args:
