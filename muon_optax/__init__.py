@@ -4,13 +4,9 @@ import importlib
 
 from muon_optax._alias import muon
 from muon_optax._alias import normuon
-from muon_optax._coeffs import resolve_ns_coeffs
 from muon_optax._describe import describe
-from muon_optax._diagnostics import UpdateStatsState
 from muon_optax._diagnostics import diagnostics
-from muon_optax._diagnostics import record_update_stats
 from muon_optax._metrics import orthogonality_error
-from muon_optax._newton_schulz import default_compute_dtype
 from muon_optax._newton_schulz import orthogonalize
 from muon_optax._normuon import NorMuonState
 from muon_optax._normuon import scale_by_normuon
@@ -20,7 +16,6 @@ from muon_optax._route import route
 from muon_optax._routing import Routing
 from muon_optax._trace import trace_routing
 from muon_optax._transform import MuonState
-from muon_optax._transform import default_group_strategy
 from muon_optax._transform import scale_by_muon
 from muon_optax._transform import scale_by_shape
 from muon_optax._views import MatrixView
@@ -51,11 +46,8 @@ __all__ = (
   'NorMuonState',
   'QKClipState',
   'Routing',
-  'UpdateStatsState',
   'capture_max_logits',
   'collect_max_logits',
-  'default_compute_dtype',
-  'default_group_strategy',
   'describe',
   'diagnostics',
   'max_logit_attention',
@@ -64,8 +56,6 @@ __all__ = (
   'orthogonality_error',
   'orthogonalize',
   'qk_clip',
-  'record_update_stats',
-  'resolve_ns_coeffs',
   'route',
   'scale_by_muon',
   'scale_by_normuon',

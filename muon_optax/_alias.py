@@ -2,7 +2,6 @@
 for everything else."""
 
 from collections.abc import Callable
-from collections.abc import Mapping
 import math
 from typing import Any
 
@@ -33,69 +32,59 @@ def _mask_fn(mask: Any) -> Any:
   return mask_for
 
 
-def _partition(
-  args: Mapping[str, Any],
-  after_muon: Callable[[_binding.MatrixViews], optax.GradientTransformation]
-  | None = None,
+def _with_adam(
+  muon_steps: Callable[[_binding.MatrixViews], list[Any]],
+  *,
+  learning_rate: optax.ScalarOrSchedule,
+  weight_decay: jax.typing.ArrayLike,
+  weight_decay_mask: Any,
+  mu_dtype: jax.typing.DTypeLike | None,
+  consistent_rms: jax.typing.ArrayLike | None,
+  adam_learning_rate: optax.ScalarOrSchedule | None,
+  adam_b1: jax.typing.ArrayLike,
+  adam_b2: jax.typing.ArrayLike,
+  adam_eps: jax.typing.ArrayLike,
+  adam_eps_root: jax.typing.ArrayLike,
+  adam_weight_decay: jax.typing.ArrayLike,
+  adam_nesterov: bool,
+  param_labels: Any,
+  matrix_views: _binding.MatrixViews,
+  diagnostics: bool,
 ) -> optax.GradientTransformation:
-  """`muon`'s partition, from `muon`'s arguments by name.
-
-  `after_muon(matrix_views)`, if given, builds a transformation that goes
-  between `scale_by_muon` and `scale_by_shape` (a variant's step on the
-  orthogonalized update, e.g. `scale_by_normuon`).
+  """The partition of `muon` and `normuon`: `muon_steps(views)` (what turns a
+  gradient into an orthogonalized direction), then the shape scaling, the
+  weight decay and the learning rate on the Muon leaves; AdamW on the rest.
   """
-  a = dict(args)
-  views = a['matrix_views']
-  labels = a['param_labels']
-  _binding.check_labels_arg(labels)
-  _binding.check_views_arg(views)
-  given = _binding.as_routing(labels)  # a Routing, or a model's
+  _binding.check_labels_arg(param_labels)
+  _binding.check_views_arg(matrix_views)
+  given = _binding.as_routing(param_labels)  # a Routing, or a model's
   if given is not None:
-    labels = given
-    if views is None:
-      views = given
-  muon_steps = [
-    _transform.scale_by_muon(
-      a['ns_coeffs'],
-      a['ns_steps'],
-      a['beta'],
-      a['eps'],
-      a['mu_dtype'],
-      nesterov=a['nesterov'],
-      adaptive=a['adaptive'],
-      preconditioning=a['preconditioning'],
-      compute_dtype=a['compute_dtype'],
-      matrix_views=views,
-      group_strategy=a['group_strategy'],
-      diagnostics=a['diagnostics'],
-      mesh=a['mesh'],
-    )
-  ]
-  if after_muon is not None:
-    muon_steps.append(after_muon(views))
+    param_labels = given
+    if matrix_views is None:
+      matrix_views = given
   muon_tx = optax.chain(
-    *muon_steps,
-    _transform.scale_by_shape(views, a['consistent_rms']),
-    optax.add_decayed_weights(
-      a['weight_decay'], _mask_fn(a['weight_decay_mask'])
-    ),
-    optax.scale_by_learning_rate(a['learning_rate']),
+    *muon_steps(matrix_views),
+    _transform.scale_by_shape(matrix_views, consistent_rms),
+    optax.add_decayed_weights(weight_decay, _mask_fn(weight_decay_mask)),
+    optax.scale_by_learning_rate(learning_rate),
   )
-  adam_lr = a['adam_learning_rate']
   adam_tx = optax.adamw(
-    learning_rate=a['learning_rate'] if adam_lr is None else adam_lr,
-    b1=a['adam_b1'],
-    b2=a['adam_b2'],
-    eps=a['adam_eps'],
-    eps_root=a['adam_eps_root'],
-    weight_decay=a['adam_weight_decay'],
-    mu_dtype=a['mu_dtype'],
+    learning_rate=(
+      learning_rate if adam_learning_rate is None else adam_learning_rate
+    ),
+    b1=adam_b1,
+    b2=adam_b2,
+    eps=adam_eps,
+    eps_root=adam_eps_root,
+    weight_decay=adam_weight_decay,
+    mu_dtype=mu_dtype,
+    nesterov=adam_nesterov,
   )
   tx = optax.partition(
     {MUON: muon_tx, ADAM: adam_tx},
-    _binding.label_fn(labels, views),
+    _binding.label_fn(param_labels, matrix_views),
   )
-  if a['diagnostics']:
+  if diagnostics:
     tx = optax.chain(tx, _diagnostics.record_update_stats())
   return tx
 
@@ -113,6 +102,7 @@ def muon(
   nesterov: bool = True,
   adaptive: bool = False,
   preconditioning: str = 'frobenius',
+  bias_correction: bool = False,
   consistent_rms: jax.typing.ArrayLike | None = 0.2,
   compute_dtype: jax.typing.DTypeLike | None = None,
   adam_learning_rate: optax.ScalarOrSchedule | None = None,
@@ -121,6 +111,7 @@ def muon(
   adam_eps: jax.typing.ArrayLike = 1e-8,
   adam_eps_root: jax.typing.ArrayLike = 0.0,
   adam_weight_decay: jax.typing.ArrayLike = 0.0,
+  adam_nesterov: bool = False,
   param_labels: Any = None,
   matrix_views: _binding.MatrixViews = None,
   group_strategy: str = 'auto',
@@ -134,22 +125,34 @@ def muon(
   - `'muon'`: `scale_by_muon` → `scale_by_shape` → decoupled weight decay →
     learning rate, i.e. :math:`W \leftarrow W (1 - \eta \lambda) - \eta\,
     s\, O` (optax.contrib.muon's chain);
-  - `'adam'`: plain `optax.adamw` with its own `adam_eps` (no hidden Nesterov
-    and no shared `eps`, unlike optax.contrib.muon 0.2.8).
+  - `'adam'`: `optax.adamw` with its own `adam_eps`.
 
-  Which leaf goes where is `param_labels`: by default the rules of
-  `muon_optax.param_labels` (every weight matrix and every convolution kernel
-  to Muon; biases, norms, embeddings, the output head and degenerate kernels
-  to Adam). `muon_optax.trace_routing` reads it from the model's computation
+  Which leaf goes where is `param_labels`: by default `muon_optax.route` of
+  the params (every weight matrix and every convolution kernel to Muon;
+  biases, norms, embeddings, the output head and degenerate kernels to
+  Adam). `muon_optax.trace_routing` reads it from the model's computation
   instead, which needs no names.
 
   The positional arguments are optax.contrib.muon's, in its order; the rest
-  are keyword-only. It differs from optax.contrib.muon on purpose in three
-  defaults: `ns_coeffs='polar_express'` (closer to the polar factor in the
-  same 5 steps), `consistent_rms=0.2` (one learning rate serves the Muon
-  and Adam parts, and AdamW's carries over) and the routing above. With
-  `optax.inject_hyperparams(muon)` every numeric argument can be injected;
-  the arguments that shape the compiled program (`ns_steps`,
+  are keyword-only. These defaults differ from optax.contrib.muon 0.2.8's,
+  on purpose (docs/migration.md lists them, and a test keeps the list true):
+
+  - `ns_coeffs='polar_express'` (optax: `'standard'`, KellerJordan's
+    quintic): closer to the polar factor in the same 5 steps;
+  - `eps=1e-7` (optax: 1e-8, shared with Adam) and `adam_eps=1e-8`: the
+    Newton–Schulz scaling and Adam's denominator have their own;
+  - `consistent_rms=0.2` (optax: None): one learning rate serves the Muon
+    and Adam parts, and AdamW's carries over;
+  - `bias_correction=False` (optax corrects): KellerJordan's momentum;
+  - `adam_nesterov=False` (optax passes `nesterov` to its Adam too): plain
+    AdamW for the rest;
+  - the routing above (optax: every 2-D leaf to Muon).
+
+  `muon(lr, 'standard', 5, 0.95, 1e-8, adam_eps=1e-8, consistent_rms=None,
+  bias_correction=True, adam_nesterov=True, param_labels=two_d)`, with
+  `two_d` labelling the 2-D leaves `'muon'`, gives optax.contrib.muon's
+  updates. With `optax.inject_hyperparams(muon)` every numeric argument can
+  be injected; the arguments that shape the compiled program (`ns_steps`,
   `preconditioning`, ...) default to values it leaves static.
 
   Args:
@@ -168,6 +171,8 @@ def muon(
       `scale_by_muon`.
     preconditioning: `'frobenius'`, `'spectral'`, `'aol'` or `'schatten'`,
       see `orthogonalize`.
+    bias_correction: Adam-style bias correction of the Muon momentum,
+      optax.contrib's form (see `scale_by_muon`).
     consistent_rms: the update RMS factor of `scale_by_shape` (0.2: AdamW's
       RMS), or None for KellerJordan's width scaling
       :math:`\sqrt{\max(1, \text{fan\_out}/\text{fan\_in})}`, which wants
@@ -180,11 +185,13 @@ def muon(
     adam_eps: Adam's epsilon.
     adam_eps_root: Adam's epsilon inside the square root.
     adam_weight_decay: Adam's decoupled weight decay.
-    param_labels: a tree (or prefix tree) of `'muon'`/`'adam'` matched by
-      path, a callable from params to one, a `Routing`
-      (`muon_optax.trace_routing`; its views are used too), a Flax NNX
-      module (its rules, `muon_optax.param_labels(module)`), or None for the
-      default rules applied to the params tree.
+    adam_nesterov: Nesterov momentum in the Adam part (NAdamW).
+    param_labels: a `Routing` (`muon_optax.route`, `trace_routing`; its views
+      are used too), a Flax NNX or Equinox module (its `route`), a tree (or
+      prefix tree) of `'muon'`/`'adam'` matched by path, a callable from
+      params to one, or None for `route(params)`. Under
+      `optax.inject_hyperparams` pass a `Routing` or a label tree: optax
+      calls callables (and modules) with the step count.
     matrix_views: see `scale_by_muon`; None takes the views from the module
       or `Routing` when `param_labels` is one, and from shapes and names
       otherwise.
@@ -192,10 +199,13 @@ def muon(
     diagnostics: record per-leaf metrics every step (Muon's orthogonality
       error, momentum norm, and every leaf's applied update RMS and its ratio
       to the weight RMS), read with `muon_optax.diagnostics(state)`. The
-      state then gains a `record_update_stats` entry; off, nothing is
-      computed.
+      metrics live in the state, which gains their entries: a flag that
+      changes what is computed changes the state's structure, so turn it on
+      from the start (a checkpoint of one does not restore into the other).
+      Off, nothing is computed or stored.
     mesh: the device mesh to split Muon's Newton–Schulz work over; None uses
-      the ambient mesh (`jax.set_mesh`), if any. See `scale_by_muon`.
+      the ambient mesh (`jax.set_mesh`), else the updates' (explicit axes).
+      See `scale_by_muon`.
 
   Returns:
     An `optax.GradientTransformation`.
@@ -219,8 +229,45 @@ def muon(
     Liu et al., `Muon is Scalable for LLM Training
     <https://arxiv.org/abs/2502.16982>`_, 2025.
   """
-  # `locals()` here is exactly the arguments, by name.
-  return _partition(locals())
+
+  def muon_steps(views):
+    return [
+      _transform.scale_by_muon(
+        ns_coeffs,
+        ns_steps,
+        beta,
+        eps,
+        mu_dtype,
+        nesterov=nesterov,
+        adaptive=adaptive,
+        preconditioning=preconditioning,
+        bias_correction=bias_correction,
+        compute_dtype=compute_dtype,
+        matrix_views=views,
+        group_strategy=group_strategy,
+        diagnostics=diagnostics,
+        mesh=mesh,
+      ),
+    ]
+
+  return _with_adam(
+    muon_steps,
+    learning_rate=learning_rate,
+    weight_decay=weight_decay,
+    weight_decay_mask=weight_decay_mask,
+    mu_dtype=mu_dtype,
+    consistent_rms=consistent_rms,
+    adam_learning_rate=adam_learning_rate,
+    adam_b1=adam_b1,
+    adam_b2=adam_b2,
+    adam_eps=adam_eps,
+    adam_eps_root=adam_eps_root,
+    adam_weight_decay=adam_weight_decay,
+    adam_nesterov=adam_nesterov,
+    param_labels=param_labels,
+    matrix_views=matrix_views,
+    diagnostics=diagnostics,
+  )
 
 
 def normuon(
@@ -238,6 +285,7 @@ def normuon(
   nesterov: bool = True,
   adaptive: bool = False,
   preconditioning: str = 'frobenius',
+  bias_correction: bool = False,
   consistent_rms: jax.typing.ArrayLike | None = 0.2,
   compute_dtype: jax.typing.DTypeLike | None = None,
   adam_learning_rate: optax.ScalarOrSchedule | None = None,
@@ -246,6 +294,7 @@ def normuon(
   adam_eps: jax.typing.ArrayLike = 1e-8,
   adam_eps_root: jax.typing.ArrayLike = 0.0,
   adam_weight_decay: jax.typing.ArrayLike = 0.0,
+  adam_nesterov: bool = False,
   param_labels: Any = None,
   matrix_views: _binding.MatrixViews = None,
   group_strategy: str = 'auto',
@@ -289,13 +338,44 @@ def normuon(
     Li et al., `NorMuon: Making Muon more efficient and scalable
     <https://arxiv.org/abs/2510.05491>`_, 2025.
   """
-  # `locals()` here is exactly the arguments, by name.
-  args = dict(locals())
   _checks.check_scalar(normuon_eps, 'normuon_eps', low=0.0, high=math.inf)
-  del args['b2'], args['normuon_eps']
-  return _partition(
-    args,
-    lambda views: _normuon.scale_by_normuon(
-      b2, normuon_eps, matrix_views=views
-    ),
+
+  def muon_steps(views):
+    return [
+      _transform.scale_by_muon(
+        ns_coeffs,
+        ns_steps,
+        beta,
+        eps,
+        mu_dtype,
+        nesterov=nesterov,
+        adaptive=adaptive,
+        preconditioning=preconditioning,
+        bias_correction=bias_correction,
+        compute_dtype=compute_dtype,
+        matrix_views=views,
+        group_strategy=group_strategy,
+        diagnostics=diagnostics,
+        mesh=mesh,
+      ),
+      _normuon.scale_by_normuon(b2, normuon_eps, matrix_views=views, mesh=mesh),
+    ]
+
+  return _with_adam(
+    muon_steps,
+    learning_rate=learning_rate,
+    weight_decay=weight_decay,
+    weight_decay_mask=weight_decay_mask,
+    mu_dtype=mu_dtype,
+    consistent_rms=consistent_rms,
+    adam_learning_rate=adam_learning_rate,
+    adam_b1=adam_b1,
+    adam_b2=adam_b2,
+    adam_eps=adam_eps,
+    adam_eps_root=adam_eps_root,
+    adam_weight_decay=adam_weight_decay,
+    adam_nesterov=adam_nesterov,
+    param_labels=param_labels,
+    matrix_views=matrix_views,
+    diagnostics=diagnostics,
   )

@@ -203,27 +203,26 @@ def restore_shardings(
   return [shard_alike(r, y)[1] for r, y in zip(refs, ys, strict=True)]
 
 
-def params_mesh(tree: Any) -> jax.sharding.Mesh | None:
-  """The mesh of the first leaf laid out over several devices, if any.
+def work_mesh(mesh: Mesh | None, tree: Any) -> Mesh | None:
+  """The mesh to split work over, read the same way by every transformation:
+  `mesh`, else the ambient one, else the mesh in `tree`'s types.
 
-  Only concrete arrays say where they live (a traced one does not), so this
-  sees the parameters a user `device_put` with a `NamedSharding`.
+  Under explicit mesh axes (`jax.make_mesh`'s default) every array, traced
+  or not, carries its sharding in its type; under auto axes a traced one
+  does not, and only `mesh` or the ambient mesh can say. Nothing is
+  remembered between calls.
   """
-  for x in jax.tree.leaves(tree):
-    if isinstance(x, jax.core.Tracer) or not isinstance(x, jax.Array):
-      continue
-    sharding = x.sharding
-    if (
-      isinstance(sharding, jax.sharding.NamedSharding)
-      and len(sharding.device_set) > 1
-    ):
-      return sharding.mesh
-  return None
+  if mesh is None and jax.sharding.get_abstract_mesh().empty:
+    for x in jax.tree.leaves(tree):
+      sharding = getattr(jax.typeof(x), 'sharding', None)
+      found = getattr(sharding, 'mesh', None)
+      if found is not None and not found.empty:
+        mesh = found
+        break
+  return resolve_mesh(mesh)
 
 
-def with_auto_axes(
-  update_fn: Callable, get_mesh: Callable[[], Mesh | None]
-) -> Callable:
+def with_auto_axes(update_fn: Callable, mesh: Mesh | None) -> Callable:
   """Runs `update_fn(updates, state, params)` with the mesh axes auto.
 
   Under explicit mesh axes (`jax.make_mesh`'s default) every array carries
@@ -234,7 +233,7 @@ def with_auto_axes(
   """
 
   def wrapped(updates, state, params=None):
-    resolved = resolve_mesh(get_mesh())
+    resolved = work_mesh(mesh, updates)
     if resolved is None:
       return update_fn(updates, state, params)
     current = jax.sharding.get_abstract_mesh()

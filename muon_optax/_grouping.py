@@ -1,9 +1,11 @@
-"""Groups of same-shape matrices, so that each group runs as one piece of work.
+"""Groups of same-shape matrices, and how a stack of them runs.
 
 Matrices with the same short side, long side and dtype form a group; a tall
 `(L, k)` matrix and a wide `(k, L)` one share it (the tall one is transposed
-when a group is stacked). How a group runs is the caller's: one device or a
-mesh (`muon_optax._distributed`), one batched call or one call per matrix.
+when a group is stacked). Where a group runs is the caller's: one device or
+a mesh (`muon_optax._distributed`). How a stack runs on one device is the
+one execution policy of the package (`strategy`, `run_stack`), used by
+`orthogonalize` and the transformations alike.
 """
 
 from collections.abc import Callable
@@ -15,6 +17,43 @@ import jax.numpy as jnp
 import numpy as np
 
 RunGroup = Callable[[list[jax.Array]], list[jax.Array]]
+
+STRATEGIES = ('auto', 'stack', 'unroll', 'map')
+# On CPU a stack of at most this many matrices runs as one plain call per
+# matrix; a longer one as `lax.map`, which compiles one body for any length.
+MAX_UNROLL = 32
+
+
+def strategy(group_strategy: str, count: int, backend: str | None = None):
+  """How a stack of `count` matrices runs: `group_strategy`, or for `'auto'`
+  the backend's best.
+
+  Accelerators gain from one batched call (fewer, larger kernels;
+  modded-nanogpt and microsoft/dion batch by shape): `'stack'`. On CPU one
+  batched Newton–Schulz is slower than plain per-matrix dots, and plain calls
+  let XLA run independent matrices on different cores: `'unroll'`, up to
+  `MAX_UNROLL` matrices, then `'map'` (benchmarks/README.md).
+  """
+  if group_strategy != 'auto':
+    return group_strategy
+  backend = backend or jax.default_backend()
+  if backend != 'cpu':
+    return 'stack'
+  return 'unroll' if count <= MAX_UNROLL else 'map'
+
+
+def run_stack(
+  ns: Callable[[jax.Array], jax.Array], x: jax.Array, group_strategy: str
+) -> jax.Array:
+  """`ns` over a `(B, m, n)` stack, per `strategy(group_strategy, B)`."""
+  how = strategy(group_strategy, x.shape[0])
+  if x.shape[0] == 1:  # a lone matrix: plain dots, no batch, no loop
+    return ns(x[0])[None]
+  if how == 'stack':
+    return ns(x)
+  if how == 'map':
+    return jax.lax.map(ns, x)
+  return jnp.stack([ns(x[i]) for i in range(x.shape[0])])
 
 
 def group_key(x: jax.Array) -> tuple[int, int, Any]:

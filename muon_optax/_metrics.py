@@ -13,14 +13,30 @@ MUON_METRICS = (ORTHOGONALITY_ERROR, MOMENTUM_NORM, UPDATE_RMS)
 UPDATE_METRICS = (UPDATE_RMS, UPDATE_TO_WEIGHT)
 
 
-def orthogonality_error(o: jax.Array) -> jax.Array:
+def orthogonality_error(o: jax.typing.ArrayLike) -> jax.Array:
   r""":math:`\|O O^H - I\|_F / \sqrt{k}` on the short side, batch-averaged.
 
-  `o` is `(B, m, n)`; `k = min(m, n)`. 0 for an exact polar factor; about
-  0.1–0.2 after 5 Newton–Schulz steps (the singular values sit in a band
-  around 1, see the README); 1 for a zero matrix.
+  `o` is a matrix `(m, n)` or a batch `(..., m, n)` (the last two axes are
+  the matrix); `k = min(m, n)`. 0 for an exact polar factor; about 0.1–0.3
+  after 5 Newton–Schulz steps (the singular values sit in a band around 1,
+  see docs/guide.md); 1 for a zero matrix.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import muon_optax
+    >>> float(muon_optax.orthogonality_error(jnp.eye(3, 5)))
+    0.0
+    >>> float(muon_optax.orthogonality_error(jnp.zeros((2, 4, 3))))
+    1.0
   """
-  *_, m, n = o.shape
+  o = jnp.asarray(o)
+  if o.ndim < 2:
+    raise ValueError(
+      f'orthogonality_error needs a matrix or a batch of them, got shape '
+      f'{o.shape}.'
+    )
+  m, n = o.shape[-2:]
+  o = o.reshape(-1, m, n)
   if not jnp.issubdtype(o.dtype, jnp.complexfloating):
     o = o.astype(jnp.float32)
   if m > n:

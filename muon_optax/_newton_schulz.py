@@ -17,6 +17,7 @@ import numpy as np
 
 from muon_optax import _checks
 from muon_optax import _coeffs
+from muon_optax import _grouping
 from muon_optax import _views
 
 DEFAULT_EPS = 1e-7
@@ -257,7 +258,8 @@ def orthogonalize(
   preconditioning: str = 'frobenius',
   eps: jax.typing.ArrayLike = DEFAULT_EPS,
   compute_dtype: Any = None,
-  dimension_numbers: Any = None,
+  matrix_views: Any = None,
+  group_strategy: str = 'auto',
 ) -> jax.Array:
   r"""Approximates the polar factor :math:`U V^\top` of a matrix, or a batch.
 
@@ -270,8 +272,8 @@ def orthogonalize(
   Complex matrices get :math:`U V^H`.
 
   Args:
-    x: an array with at least two axes. Without `dimension_numbers`, the
-      last two are the matrix and leading axes are a batch, every slice
+    x: an array with at least two axes. Without `matrix_views`, the last
+      two are the matrix and leading axes are a batch, every slice
       orthogonalized on its own.
     ns_coeffs: `'polar_express'` (Amsel et al., per-step optimal triples with
       the paper's safety factor), `'jordan'` (KellerJordan/Muon's fixed
@@ -293,10 +295,13 @@ def orthogonalize(
     eps: keeps the scaling finite; a zero matrix gives zeros.
     compute_dtype: dtype of the matmul operands of real inputs; products
       accumulate in at least float32. None picks the backend's default:
-      bfloat16 on GPU and TPU, float32 on CPU (see `default_compute_dtype`).
-    dimension_numbers: a `MatrixView` or optax's `MuonDimensionNumbers`: which
-      axes of `x` are the matrix's rows and columns; the other axes are a
-      batch.
+      bfloat16 on GPU and TPU, float32 on CPU (which gains nothing from
+      bfloat16: benchmarks/README.md).
+    matrix_views: a `MatrixView` or optax's `MuonDimensionNumbers` (its
+      `dimension_numbers`): which axes of `x` are the matrix's rows and
+      columns; the other axes are a batch. The name is `scale_by_muon`'s.
+    group_strategy: how a batch of matrices runs: `'auto'` (the backend's
+      best), `'stack'`, `'unroll'` or `'map'`, as in `scale_by_muon`.
 
   Returns:
     An array of `x`'s shape and dtype.
@@ -324,6 +329,7 @@ def orthogonalize(
   """
   _checks.check_matrix_input(x)
   _checks.check_choice(preconditioning, 'preconditioning', PRECONDITIONINGS)
+  _checks.check_choice(group_strategy, 'group_strategy', _grouping.STRATEGIES)
   _checks.check_eps(eps)
   plan = _coeffs.resolve_ns_coeffs(ns_coeffs, ns_steps)
   x = jnp.asarray(x)
@@ -334,23 +340,12 @@ def orthogonalize(
     preconditioning=preconditioning,
     compute_dtype=_checks.float_dtype(compute_dtype, 'compute_dtype'),
   )
-  if dimension_numbers is not None:
-    view = _views.as_matrix_view(dimension_numbers, '`dimension_numbers`')
+  if matrix_views is not None:
+    view = _views.as_matrix_view(matrix_views, '`matrix_views`')
     resolved = view.resolve(x.shape)
-    return resolved.from_matrices(_batched(ns, resolved.to_matrices(x)))
+    stack = _grouping.run_stack(ns, resolved.to_matrices(x), group_strategy)
+    return resolved.from_matrices(stack)
   if x.ndim > 2:
     flat = x.reshape(-1, *x.shape[-2:])
-    return _batched(ns, flat).reshape(x.shape)
-  return ns(x)
-
-
-def _batched(ns, x):
-  """`ns` over a `(B, m, n)` stack."""
-  if x.shape[0] == 1:
-    return ns(x[0])[None]
-  if jax.default_backend() == 'cpu':
-    # XLA:CPU runs a batched dot slower than a loop of plain ones;
-    # accelerators the other way round (benchmarks/README.md). `lax.map`
-    # compiles one body for any batch size.
-    return lax.map(ns, x)
+    return _grouping.run_stack(ns, flat, group_strategy).reshape(x.shape)
   return ns(x)

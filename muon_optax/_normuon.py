@@ -128,6 +128,7 @@ def scale_by_normuon(
   eps: jax.typing.ArrayLike = DEFAULT_EPS,
   *,
   matrix_views: _binding.MatrixViews = None,
+  mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
 ) -> optax.GradientTransformation:
   r"""NorMuon: equalizes the output neurons of an orthogonalized update.
 
@@ -159,6 +160,8 @@ def scale_by_normuon(
       current step's neuron norms alone.
     eps: added to the second moment under the square root, >= 0.
     matrix_views: as in `scale_by_muon`; pass the same.
+    mesh: as in `scale_by_muon`: the mesh whose layouts updates and `v` keep
+      (None: the ambient one, else the updates' types).
 
   Returns:
     A `GradientTransformation` whose state is a `NorMuonState`.
@@ -185,6 +188,7 @@ def scale_by_normuon(
   """
   _checks.check_scalar(b2, 'b2', low=0.0, high=1.0)
   _checks.check_eps(eps)
+  _distributed.check_mesh(mesh)
 
   def init_fn(params):
     leaves = _binding.bind_views(params, matrix_views)
@@ -211,7 +215,7 @@ def scale_by_normuon(
       new_flat[leaf.index] = leaf.view.from_matrices(o).astype(u.dtype)
     # Updates and moments leave as they came: XLA would otherwise pick the
     # moments' layout, and the next step would compile again for it.
-    if jax.device_count() > 1:
+    if _distributed.work_mesh(mesh, updates) is not None:
       new_flat = _distributed.restore_shardings(new_flat, flat)
       new_v = _distributed.restore_shardings(new_v, v_flat)
     return jax.tree.unflatten(treedef, new_flat), NorMuonState(
@@ -220,5 +224,5 @@ def scale_by_normuon(
     )
 
   return optax.GradientTransformation(
-    init_fn, _distributed.with_auto_axes(update_fn, lambda: None)
+    init_fn, _distributed.with_auto_axes(update_fn, mesh)
   )

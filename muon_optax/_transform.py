@@ -17,29 +17,20 @@ from muon_optax import _newton_schulz
 from muon_optax import _paths
 from muon_optax import _views
 
-GROUP_STRATEGIES = ('auto', 'stack', 'unroll', 'map')
-
 
 class MuonState(NamedTuple):
-  """State of `scale_by_muon`; `count` and `mu` as in optax.contrib's."""
+  """State of `scale_by_muon`: `count` and `mu` as in optax.contrib's.
+
+  optax.contrib's third field, `ns_coeffs`, is not here: the coefficients
+  are compile-time constants of the transformation, not state (a checkpoint
+  of one does not restore into the other). `diagnostics` holds the metrics
+  of `diagnostics=True`, `{path: {metric: scalar}}`, and is None (no leaves)
+  without it.
+  """
 
   count: jax.Array  # shape=(), dtype=int32
   mu: optax.Updates
-  # {path: {metric: scalar}} with `diagnostics=True`, else None (no leaves).
   diagnostics: dict[str, dict[str, jax.Array]] | None = None
-
-
-def default_group_strategy(backend: str | None = None) -> str:
-  """How a group of same-shape matrices runs when `group_strategy='auto'`.
-
-  Accelerators gain from one batched call per group (fewer, larger kernels;
-  modded-nanogpt and microsoft/dion batch by shape): `'stack'`. On CPU one
-  batched Newton–Schulz is slower than plain per-matrix dots, and one plain
-  call per matrix lets XLA run independent matrices on different cores:
-  `'unroll'` (measurements in benchmarks/README.md).
-  """
-  backend = backend or jax.default_backend()
-  return 'unroll' if backend == 'cpu' else 'stack'
 
 
 def _check_like_momentum(updates: Any, mu: Any) -> None:
@@ -65,27 +56,18 @@ def _check_like_momentum(updates: Any, mu: Any) -> None:
       )
 
 
-def _stack_runner(ns, strategy: str):
-  """Newton–Schulz of one `(b, m, n)` stack, per `group_strategy`."""
-  if strategy == 'stack':
-    return ns
-  if strategy == 'map':
-    return lambda x: jax.lax.map(ns, x)
-  return lambda x: jnp.stack([ns(x[i]) for i in range(x.shape[0])])
-
-
-def _local_group_runner(ns, strategy: str) -> _grouping.RunGroup:
-  """How one group runs on one device, per `group_strategy`."""
-  run_stack = _stack_runner(ns, strategy)
+def _local_group_runner(ns, group_strategy: str) -> _grouping.RunGroup:
+  """How one group runs on one device (`_grouping.strategy`)."""
 
   def run(mats):
-    if strategy == 'unroll':
+    count = sum(x.shape[0] for x in mats)
+    if _grouping.strategy(group_strategy, count) == 'unroll':
       # One plain call per matrix, in its own orientation: no transposes.
-      return [run_stack(x) for x in mats]
+      return [_grouping.run_stack(ns, x, 'unroll') for x in mats]
     stack = _grouping.stack_wide(mats)
-    if stack.shape[0] == 1:  # a lone matrix: plain dots, no batch, no loop
-      return _grouping.split_wide(ns(stack[0])[None], mats)
-    return _grouping.split_wide(run_stack(stack), mats)
+    return _grouping.split_wide(
+      _grouping.run_stack(ns, stack, group_strategy), mats
+    )
 
   return run
 
@@ -150,16 +132,17 @@ def scale_by_muon(
 
   Matrices of the same shape and dtype form a group; `group_strategy` says
   how a group runs: `'stack'` (one batched call), `'unroll'` (one call per
-  matrix), `'map'` (`lax.map` over the stack), or `'auto'` (per backend, see
-  `default_group_strategy`).
+  matrix), `'map'` (`lax.map` over the stack), or `'auto'` (per backend:
+  `'stack'` on accelerators; on CPU `'unroll'`, or `'map'` for long stacks).
 
-  On a mesh of several devices (`mesh`, or the ambient one of `jax.set_mesh`)
-  the Newton–Schulz work is split: every device orthogonalizes a share of
-  each group and large left-over matrices are sharded inside the matmuls;
-  updates and state keep the parameters' shardings (see the README,
-  "Multi-device and multi-host"). With neither, the mesh of parameters
-  laid out with a `NamedSharding` when `init` saw them is used, so that
-  `jax.jit` of `update` on `device_put` parameters splits the work too.
+  On a mesh of several devices the Newton–Schulz work is split: every device
+  orthogonalizes a share of each group and large left-over matrices are
+  sharded inside the matmuls; updates and state keep the parameters'
+  shardings (see docs/guide.md, "Multi-device and multi-host"). The mesh is
+  `mesh`, else the ambient one (`jax.set_mesh`), else the one in the
+  updates' types (explicit mesh axes, `jax.make_mesh`'s default). With auto
+  axes and neither `mesh` nor an ambient mesh, types carry no mesh: XLA
+  partitions the update itself.
 
   Every leaf this transformation receives must have a matrix view: use `muon`
   (or `optax.partition`) to send the others elsewhere.
@@ -191,7 +174,7 @@ def scale_by_muon(
       `MuonState.diagnostics` (read them with `muon_optax.diagnostics`). Off,
       nothing is computed and the field is None.
     mesh: the device mesh to split the Newton–Schulz work over; None uses the
-      ambient mesh (`jax.set_mesh`), if any.
+      ambient mesh (`jax.set_mesh`), else the updates' (explicit axes).
 
   Returns:
     A `GradientTransformation` whose state is a `MuonState`.
@@ -207,7 +190,7 @@ def scale_by_muon(
     (4, 8)
   """
   plan = _coeffs.resolve_ns_coeffs(ns_coeffs, ns_steps)
-  _checks.check_choice(group_strategy, 'group_strategy', GROUP_STRATEGIES)
+  _checks.check_choice(group_strategy, 'group_strategy', _grouping.STRATEGIES)
   _checks.check_choice(
     preconditioning, 'preconditioning', _newton_schulz.PRECONDITIONINGS
   )
@@ -216,20 +199,9 @@ def scale_by_muon(
   compute_dtype = _checks.float_dtype(compute_dtype, 'compute_dtype')
   mu_dtype = _checks.float_dtype(mu_dtype, 'mu_dtype')
   _distributed.check_mesh(mesh)
-  # Parameters `device_put` over a mesh, with neither `mesh=` nor an ambient
-  # mesh: their mesh, seen at `init` (inside `jit` it is not visible).
-  seen: list[jax.sharding.Mesh] = []
-
-  def work_mesh():
-    if mesh is not None or not jax.sharding.get_abstract_mesh().empty:
-      return mesh
-    return seen[0] if seen else None
 
   def init_fn(params):
     _binding.bind_views(params, matrix_views)  # raises on a non-matrix leaf
-    found = _distributed.params_mesh(params)
-    if found is not None:
-      seen[:] = [found]
     return MuonState(
       count=jnp.zeros([], jnp.int32),
       mu=optax.tree.zeros_like(params, dtype=mu_dtype),
@@ -270,12 +242,9 @@ def scale_by_muon(
         compute_dtype=compute_dtype,
       )
 
-    dist_mesh = _distributed.resolve_mesh(work_mesh())
-    strategy = (
-      default_group_strategy() if group_strategy == 'auto' else group_strategy
-    )
+    dist_mesh = _distributed.work_mesh(mesh, updates)
     if dist_mesh is None:
-      run_group = _local_group_runner(ns, strategy)
+      run_group = _local_group_runner(ns, group_strategy)
     else:
       run_group = _distributed.mesh_group_runner(
         dist_mesh,
@@ -283,7 +252,7 @@ def scale_by_muon(
         preconditioning=preconditioning,
         eps=eps,
         compute_dtype=compute_dtype,
-        local_ns=_stack_runner(ns, strategy),
+        local_ns=lambda x: _grouping.run_stack(ns, x, group_strategy),
       )
     orthogonal = _grouping.orthogonalize_groups(mats, run_group)
     if adaptive:
@@ -310,7 +279,7 @@ def scale_by_muon(
     )
 
   return optax.GradientTransformation(
-    init_fn, _distributed.with_auto_axes(update_fn, work_mesh)
+    init_fn, _distributed.with_auto_axes(update_fn, mesh)
   )
 
 

@@ -101,7 +101,7 @@ def orthogonalize_via_newton_schulz(
     int(ns_steps),
     preconditioning=preconditioning,
     eps=eps,
-    dimension_numbers=dimension_numbers,
+    matrix_views=dimension_numbers,  # optax's name for a view
   )
 
 

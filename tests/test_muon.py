@@ -1,5 +1,8 @@
 """`scale_by_muon` and `muon` against NumPy Muon, optax.adamw, optax.contrib."""
 
+import inspect
+import pathlib
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -91,23 +94,62 @@ def test_adam_leaves_match_optax_adamw():
     np.testing.assert_allclose(_flat(params)[k], adam_params[k], rtol=1e-6)
 
 
-def test_matches_optax_contrib_muon_without_nesterov():
-  """optax.contrib.muon bias-corrects its momentum, which Newton–Schulz's
-  normalization cancels without Nesterov; the updates then agree."""
-  params = {'a': _params()['dense']['kernel'], 'b': _params()['tall']['kernel']}
-  ours = muon_optax.muon(
-    0.01, 'jordan', None, 0.95, 1e-8, consistent_rms=None, nesterov=False
-  )
-  theirs = optax.contrib.muon(
-    0.01, ns_coeffs='standard', nesterov=False, eps=1e-8
-  )
+def _two_d(params):
+  return jax.tree.map(lambda x: 'muon' if x.ndim == 2 else 'adam', params)
+
+
+# optax.contrib.muon 0.2.8 in one muon_optax call: its coefficients and
+# epsilon, width scaling, bias correction, Nesterov in the Adam part and its
+# routing (every 2-D leaf). docs/migration.md shows this call.
+AS_OPTAX = dict(
+  ns_coeffs=(3.4445, -4.7750, 2.0315),
+  ns_steps=5,
+  beta=0.95,
+  eps=1e-8,
+  adam_eps=1e-8,
+  consistent_rms=None,
+  bias_correction=True,
+  adam_nesterov=True,
+  param_labels=_two_d,
+)
+
+
+@pytest.mark.parametrize('nesterov', [True, False])
+def test_one_call_reproduces_optax_contrib_muon(nesterov):
+  params = _params()  # 2-D leaves to Muon; the conv kernels and 1-D to Adam
+  # optax hands its `nesterov` to the Adam part as well.
+  as_optax = {**AS_OPTAX, 'adam_nesterov': nesterov}
+  ours = muon_optax.muon(0.01, nesterov=nesterov, **as_optax)
+  theirs = optax.contrib.muon(0.01, nesterov=nesterov)
   so, st = ours.init(params), theirs.init(params)
   update_ours, update_theirs = jax.jit(ours.update), jax.jit(theirs.update)
-  for step in range(3):
+  for step in range(4):
     g = _grads(params, step)
     uo, so = update_ours(g, so, params)
     ut, st = update_theirs(g, st, params)
-    chex.assert_trees_all_close(uo, ut, atol=1e-6)
+    chex.assert_trees_all_close(uo, ut, rtol=2e-5, atol=1e-7)
+    params = optax.apply_updates(params, uo)
+
+
+def test_migration_page_lists_every_default_that_differs():
+  """Every argument the two signatures share with another default, and the
+  behaviours optax.contrib.muon fixes that are arguments here, have a row in
+  docs/migration.md's table of differing defaults."""
+  ours = inspect.signature(muon_optax.muon).parameters
+  theirs = inspect.signature(optax.contrib.muon).parameters
+  differ = {
+    name
+    for name in set(ours) & set(theirs)
+    if ours[name].default != theirs[name].default
+  }
+  assert differ == {'ns_coeffs', 'ns_steps', 'eps', 'consistent_rms'}
+  # optax's fixed behaviours, arguments here: correction, Adam's Nesterov
+  # and epsilon, the routing.
+  implicit = {'bias_correction', 'adam_nesterov', 'adam_eps', 'param_labels'}
+  page = (pathlib.Path(__file__).parents[1] / 'docs/migration.md').read_text()
+  table = page.split('## Defaults that differ')[1].split('\n## ')[0]
+  rows = {line.split('`')[1] for line in table.splitlines() if '| `' in line}
+  assert rows == differ | implicit, rows ^ (differ | implicit)
 
 
 @pytest.mark.parametrize(
