@@ -273,12 +273,10 @@ def update_section(tree: trees.Tree, runs: int) -> dict[str, Any]:
   t = interleaved(thunks, runs=runs)
   ours = [f'muon_optax[{s}]' for s in STRATEGIES]
   best = min(ours, key=lambda k: t[k].median)
-  default = getattr(muon_optax, 'default_group_strategy', lambda: None)()
   out = {
     'tree': tree.describe(),
     'ns_gflop': sum(ns_flops(m, n) for _, m, n in tree.muon_matrices()) / 1e9,
     'param_bytes': _tree_bytes(params),
-    'default_group_strategy': default,
     'fastest_strategy': best,
     # The strategies only schedule the same arithmetic: their updates agree
     # to float rounding (0 is possible, hence no positivity here).
@@ -443,8 +441,7 @@ def markdown(r: dict[str, Any]) -> str:
       f'### {d["name"]}: {d["params"]:,} params, {d["muon_matrices"]} Muon '
       f'matrices, {u["ns_gflop"]:.3g} GFLOP of Newton–Schulz',
       '',
-      f'Fastest strategy: `{u["fastest_strategy"]}`; default: '
-      f'`{u["default_group_strategy"]}`; strategies agree to '
+      f'Fastest strategy: `{u["fastest_strategy"]}`; strategies agree to '
       f'{u["strategies_max_rel_diff"]:.1e} (max relative difference).',
       '',
       '| variant | ms | optax.contrib.muon ÷ this | this ÷ adamw | compile s |',

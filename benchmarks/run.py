@@ -259,11 +259,9 @@ def update_section(
     ),
     'optax.adamw': optax.adamw(1e-3),
   }
-  default = muon_optax.default_group_strategy()
-  if strategies:  # the default's timing is muon_optax's, not re-run
+  if strategies:  # 'auto' (muon_optax's default) is the row muon_optax
     for s in ('stack', 'unroll', 'map'):
-      if s != default:
-        txs[f'muon_optax[{s}]'] = mo(group_strategy=s)
+      txs[f'muon_optax[{s}]'] = mo(group_strategy=s)
   thunks, compile_s, state_bytes = {}, {}, {}
   for name, tx in txs.items():
     state = tx.init(params)
@@ -654,8 +652,7 @@ def env_info() -> dict[str, Any]:
     'optax': optax.__version__,
     'flax': flax.__version__,
     'muon_optax': muon_optax.__version__,
-    'default_group_strategy': muon_optax.default_group_strategy(),
-    'default_compute_dtype': str(muon_optax.default_compute_dtype()),
+    'backend': jax.default_backend(),
     'load_average_1_5_15': list(os.getloadavg()),
   }
 
