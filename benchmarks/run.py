@@ -271,11 +271,6 @@ def update_section(
     )
     thunks[name] = functools.partial(compiled, grads, state, params)
   t = interleaved(thunks, runs=runs)
-  if strategies:
-    name = f'muon_optax[{default}]'
-    txs[name], t[name] = txs['muon_optax'], t['muon_optax']
-    compile_s[name] = compile_s['muon_optax']
-    state_bytes[name] = state_bytes['muon_optax']
   out = {
     'tree': tree.describe(),
     'ns_gflop': sum(ns_flops(m, n) for _, m, n in tree.muon_matrices()) / 1e9,
@@ -652,7 +647,6 @@ def env_info() -> dict[str, Any]:
     'optax': optax.__version__,
     'flax': flax.__version__,
     'muon_optax': muon_optax.__version__,
-    'backend': jax.default_backend(),
     'load_average_1_5_15': list(os.getloadavg()),
   }
 
