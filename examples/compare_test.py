@@ -13,6 +13,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import compare  # noqa: E402
 
 
+@pytest.mark.slow
 def test_convnet_end_to_end(tmp_path):
   # The tiny config of convnet/train_test.py: its compilations are reused.
   compare.main(
@@ -65,6 +66,7 @@ def test_convnet_end_to_end(tmp_path):
   )
 
 
+@pytest.mark.slow
 def test_transformer_end_to_end(tmp_path):
   # The test split is reported; a row may set config fields (here QK-Clip's
   # threshold); --first-seed runs later seeds; recorded max logits get a

@@ -19,7 +19,7 @@ def orthogonality_error(o: jax.typing.ArrayLike) -> jax.Array:
   `o` is a matrix `(m, n)` or a batch `(..., m, n)` (the last two axes are
   the matrix); `k = min(m, n)`. 0 for an exact polar factor; about 0.1–0.3
   after 5 Newton–Schulz steps (the singular values sit in a band around 1,
-  see docs/guide.md); 1 for a zero matrix.
+  see docs/index.md); 1 for a zero matrix.
 
   Examples:
     >>> import jax.numpy as jnp

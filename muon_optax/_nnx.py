@@ -120,6 +120,32 @@ def source(
         why = f'named {named[-1]!r}; {found.why}'
         found = found._replace(kind=HEAD, why=why)
       decisions[path] = found
+  if not any(d.kind == HEAD for d in decisions.values()):
+    _mark_last_layer(module, decisions)
   return _routing.Source(
     'nnx', base.paths, base.shapes, decisions, attention or base.attention
   )
+
+
+def _mark_last_layer(module: nnx.Module, decisions: dict[str, Decision]):
+  """With no head named: an `nnx.Sequential` model's last layer with
+  parameters is its head (its order is the call order; a custom module's
+  attribute order need not be)."""
+  path: list[str] = []
+  while isinstance(module, nnx.Sequential):
+    layers = [
+      (i, layer)
+      for i, layer in enumerate(module.layers)
+      if isinstance(layer, nnx.Module) and nnx.state(layer, nnx.Param)
+    ]
+    if not layers:
+      return
+    i, module = layers[-1]
+    path += ['layers', str(i)]
+  prefix = '/'.join(path)
+  for name in ('kernel', 'embedding'):
+    key = f'{prefix}/{name}'
+    d = decisions.get(key)
+    if path and d is not None and d.kind == MATRIX:
+      why = f'the last layer of the Sequential; {d.why}'
+      decisions[key] = d._replace(kind=HEAD, why=why)

@@ -138,7 +138,7 @@ def scale_by_muon(
   On a mesh of several devices the Newton–Schulz work is split: every device
   orthogonalizes a share of each group and large left-over matrices are
   sharded inside the matmuls; updates and state keep the parameters'
-  shardings (see docs/guide.md, "Multi-device and multi-host"). The mesh is
+  shardings (see docs/index.md, "Multi-device and multi-host"). The mesh is
   `mesh`, else the ambient one (`jax.set_mesh`), else the one in the
   updates' types (explicit mesh axes, `jax.make_mesh`'s default). With auto
   axes and neither `mesh` nor an ambient mesh, types carry no mesh: XLA

@@ -14,6 +14,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # a subprocess running the whole benchmark
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / 'benchmarks' / 'accelerator.py'
 TIMEOUT_S = 300
@@ -65,10 +67,8 @@ def _assert_finite_positive(section, name):
 
 def test_meta(result):
   meta = result['json']['meta']
-  assert meta['backend'] == 'cpu'
+  assert meta['backend'] == 'cpu'  # JAX_PLATFORMS=cpu reached the script
   assert meta['device_kind']
-  assert meta['jax']
-  assert meta['quick'] is True
 
 
 @pytest.mark.parametrize(
@@ -98,8 +98,14 @@ def test_update_times_every_strategy_and_the_peers(result):
     assert u['tree']['muon_matrices'] > 0
     # The strategies time the same arithmetic.
     assert u['strategies_max_rel_diff'] < 1e-4
-    optax_muon = u['variants']['optax.contrib.muon']
-    assert optax_muon['speedup_vs_optax_muon'] == pytest.approx(1.0)
+    # Each speedup is optax.contrib.muon's time over the variant's, from the
+    # same interleaved run.
+    optax_ms = u['variants']['optax.contrib.muon']['median_ms']
+    for name, v in u['variants'].items():
+      if name != 'optax.contrib.muon':
+        assert v['speedup_vs_optax_muon'] == pytest.approx(
+          optax_ms / v['median_ms'], rel=1e-6
+        ), name
 
 
 def test_polar_error_of_both_matrices_and_dtypes(result):

@@ -97,6 +97,7 @@ def test_off_means_no_metrics_in_state():
   assert muon_state.diagnostics is None
 
 
+@pytest.mark.slow
 def test_metrics_under_nnx_optimizer():
   model = ResNet(rngs=nnx.Rngs(0))
   tx = muon_optax.muon(1e-2, param_labels=model, diagnostics=True)

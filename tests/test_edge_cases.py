@@ -248,7 +248,9 @@ class TestTrees:
     for tx in (muon_optax.muon(0.1), muon_optax.scale_by_muon()):
       updates, state = _step(tx, {}, {})
       assert updates == {}
-      state, _ = tx.update({}, state, {})
+      again, next_state = tx.update({}, state, {})
+      assert again == {}
+      assert jax.tree.structure(next_state) == jax.tree.structure(state)
 
   def test_none_leaves_pass_through(self):
     params = {'w': _normal(8, 8), 'b': None, 'sub': {'x': None}}

@@ -22,6 +22,8 @@ import pytest
 
 from tests import multiprocess_worker as worker
 
+pytestmark = pytest.mark.slow  # two gloo processes
+
 SCRIPT = pathlib.Path(worker.__file__)
 ROOT = SCRIPT.parent.parent
 TIMEOUT_S = 120

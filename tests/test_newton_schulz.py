@@ -82,27 +82,11 @@ def test_batch_equals_slices(shape):
   np.testing.assert_allclose(got, want.reshape(shape), atol=1e-5)
 
 
-@pytest.mark.parametrize('preset', sorted(BANDS))
-def test_transpose_equivariance(preset):
-  x = _gaussian((24, 80))
-  a = muon_optax.orthogonalize(x, ns_coeffs=preset)
-  b = muon_optax.orthogonalize(x.T, ns_coeffs=preset)
-  np.testing.assert_allclose(a, np.asarray(b).T, atol=1e-5)
-
-
 def test_zeros_give_zeros():
   for shape in [(4, 4), (3, 7), (2, 9, 5)]:
     out = muon_optax.orthogonalize(jnp.zeros(shape))
     assert out.shape == shape
     assert not np.any(np.asarray(out))
-
-
-@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16, jnp.float16])
-def test_shape_and_dtype_preserved(dtype):
-  x = jnp.asarray(_gaussian((16, 32)), dtype)
-  out = muon_optax.orthogonalize(x)
-  assert out.shape == x.shape and out.dtype == x.dtype
-  assert np.all(np.isfinite(np.asarray(out, np.float32)))
 
 
 def test_bfloat16_compute_is_close_to_float32():
@@ -112,13 +96,6 @@ def test_bfloat16_compute_is_close_to_float32():
   assert bf16.dtype == jnp.float32
   rel = np.linalg.norm(np.asarray(bf16) - f32) / np.linalg.norm(f32)
   assert rel < 0.03
-
-
-def test_scale_invariance():
-  x = _gaussian((32, 48))
-  a = muon_optax.orthogonalize(x)
-  b = muon_optax.orthogonalize(1e3 * x)
-  np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_works_under_jit_and_vmap():

@@ -3,8 +3,7 @@
 The tests are imported from the installed optax wheel (never copied): its
 `contrib/_muon_test.py` and the muon entries of `contrib/_common_test.py`.
 Each runs unchanged, with `optax.contrib.muon` swapped for muon_optax behind
-`tests/optax_adapter.py`. Exclusions are listed in `EXCLUDED` with their
-reasons, and in docs/migration.md.
+`tests/optax_adapter.py`. Nothing is excluded.
 """
 
 from unittest import mock
@@ -13,9 +12,6 @@ from optax.contrib import _common_test
 from optax.contrib import _muon_test
 
 from tests import optax_adapter
-
-# {test name: why it does not run against muon_optax}.
-EXCLUDED: dict[str, str] = {}
 
 
 class OptaxMuonTest(_muon_test.MuonTest):
@@ -58,7 +54,3 @@ for _name in dir(_common_test.ContribTest):
     _common_test.ContribTest, _name
   ):
     setattr(OptaxCommonMuonTest, _name, None)
-for _name in EXCLUDED:
-  for _cls in (OptaxMuonTest, OptaxCommonMuonTest):
-    if hasattr(_cls, _name):
-      setattr(_cls, _name, None)

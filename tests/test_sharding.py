@@ -18,6 +18,8 @@ import pytest
 
 import muon_optax
 
+pytestmark = pytest.mark.slow  # subprocesses on 8 emulated devices
+
 SCRIPT = pathlib.Path(__file__).with_name('sharding_checks.py')
 ROOT = SCRIPT.parent.parent
 LAYOUTS = (

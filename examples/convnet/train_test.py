@@ -31,6 +31,7 @@ def _tiny(**changes):
   )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('optimizer', train.OPTIMIZERS)
 def test_train_and_evaluate(optimizer, tmp_path):
   result = train.train_and_evaluate(
@@ -46,6 +47,7 @@ def test_train_and_evaluate(optimizer, tmp_path):
   assert result['num_params'] == kernels + norms
 
 
+@pytest.mark.slow
 def test_main_reads_config_file_and_overrides(tmp_path):
   result = main.main(
     [
@@ -121,6 +123,7 @@ def test_set_learning_rate_in_an_nnx_optimizer():
   )
 
 
+@pytest.mark.slow
 def test_runs_that_differ_in_lr_and_seed_share_one_optimizer(tmp_path):
   a = train.train_and_evaluate(_tiny(optimizer='adamw'), tmp_path / 'a')
   n = len(train._OPTIMIZERS)

@@ -118,6 +118,7 @@ def test_eval_noise_depends_on_the_image_index_alone():
   assert not np.allclose(whole[0], whole[1])
 
 
+@pytest.mark.slow
 def test_evaluate_is_the_same_for_every_batch_size():
   config = _tiny()
   model = train.create_model(config)

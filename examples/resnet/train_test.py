@@ -27,6 +27,7 @@ def _tiny(**changes):
   )
 
 
+@pytest.mark.slow
 def test_train_and_evaluate(tmp_path):
   result = train.train_and_evaluate(_tiny(learning_rate=0.01), tmp_path)
   assert json.loads((tmp_path / 'result.json').read_text()) == result
@@ -36,6 +37,7 @@ def test_train_and_evaluate(tmp_path):
   assert 0.0 <= result['final']['test_accuracy'] <= 1.0
 
 
+@pytest.mark.slow
 def test_main_reads_config_file_and_overrides(tmp_path):
   result = main.main(
     [

@@ -37,6 +37,7 @@ def _tiny(**changes):
   )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('optimizer', ['muon', 'adamw'])
 def test_train_and_evaluate(optimizer, tmp_path):
   result = train.train_and_evaluate(
@@ -50,6 +51,7 @@ def test_train_and_evaluate(optimizer, tmp_path):
     assert math.isfinite(loss) and loss < 1.2 * math.log(256)
 
 
+@pytest.mark.slow
 def test_main_reads_config_file_and_overrides(tmp_path):
   result = main.main(
     [
@@ -126,6 +128,7 @@ def test_tinyshakespeare_split():
   assert sizes[0] == int(0.9 * sum(sizes)) and abs(sizes[1] - sizes[2]) <= 1
 
 
+@pytest.mark.slow
 def test_data_parallel_fsdp_on_8_devices_equals_one_device():
   """`mesh=(2, 4)`: same losses as one device, FSDP layouts kept."""
   here = pathlib.Path(__file__).resolve()
@@ -177,6 +180,7 @@ def test_fsdp_sharding_picks_the_largest_divisible_axis():
   assert spec4((3, 8, 2)) == (None, 'fsdp', None)
 
 
+@pytest.mark.slow
 def test_qk_clip_flag_records_and_caps_the_logits():
   """At a learning rate where muon's logits grow, the recorded maxima with
   QK-Clip stay near the threshold (one update of lag) and below the run
@@ -192,6 +196,7 @@ def test_qk_clip_flag_records_and_caps_the_logits():
   assert all(math.isfinite(v) for v in clipped_max)
 
 
+@pytest.mark.slow
 def test_head_names_moves_only_the_head_to_muon():
   config = _tiny(head_names=())
   model = train.create_model(config)
