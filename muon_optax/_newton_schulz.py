@@ -89,12 +89,25 @@ class LocalProducts:
     self.tall = m > n
     self.k = min(m, n)
     self.acc, self.operand, self.precision = dtypes(dtype, compute_dtype)
+    # XLA:CPU cannot run every bfloat16 x bfloat16 -> float32 dot it makes
+    # (transposes folded into the dot fail at run time, "Unsupported element
+    # type for DotThunk"), and has no native bfloat16 to gain from. There the
+    # operands are rounded to the operand dtype and multiplied in the
+    # accumulation dtype: the same numbers as a bfloat16 dot accumulating in
+    # float32, in a form every CPU dot runs.
+    self.round_only = (
+      jnp.dtype(self.operand) != jnp.dtype(self.acc)
+      and jax.default_backend() == 'cpu'
+    )
 
   def dot(self, a, b, contract):
     batch = tuple(range(self.ndim - 2))
+    a, b = a.astype(self.operand), b.astype(self.operand)
+    if self.round_only:
+      a, b = a.astype(self.acc), b.astype(self.acc)
     return lax.dot_general(
-      a.astype(self.operand),
-      b.astype(self.operand),
+      a,
+      b,
       (contract, (batch, batch)),
       precision=self.precision,
       preferred_element_type=self.acc,

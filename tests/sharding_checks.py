@@ -271,7 +271,9 @@ def check_flops():
 def check_trap():
   """`device_put` FSDP params, `jax.jit(tx.update)`, no mesh anywhere.
 
-  Both kinds of mesh axes: `jax.make_mesh`'s default (explicit) and auto.
+  Both kinds of mesh axes: with `jax.make_mesh`'s default (explicit) the
+  updates' types carry the mesh and the work is split; with auto axes they
+  carry none inside `jit`, and XLA partitions the update on its own.
   """
   params = _tree(MIXED, 0)
   grads = [_tree(MIXED, s + 1) for s in range(2)]
@@ -303,6 +305,39 @@ def check_trap():
   return out
 
 
+def check_bf16():
+  """bfloat16 Newton–Schulz on the sharded path, PyTorch layouts ((out, in)
+  and OIHW views), FSDP on explicit mesh axes, against one float32 device."""
+  shapes = {'fc': (128, 64), 'conv': (32, 16, 3, 3), 'sq': (64, 64)}
+  out_in = muon_optax.MatrixView((-1,), (-2,))
+  views = {
+    'fc': out_in,
+    'sq': out_in,
+    'conv': muon_optax.MatrixView((-3, -2, -1), (-4,)),
+  }
+  specs = {'fc': P('d'), 'conv': P('d'), 'sq': P(None, 'd')}
+  params = _tree(shapes, 0)
+  grads = [_tree(shapes, s + 1) for s in range(2)]
+  ref_tx = muon_optax.scale_by_muon(
+    matrix_views=views, compute_dtype=jnp.float32
+  )
+  ref, _, _ = _run(ref_tx, params, grads)
+  mesh = jax.make_mesh((8,), ('d',))
+  out = {}
+  for strategy in ('stack', 'unroll', 'map'):
+    tx = muon_optax.scale_by_muon(
+      matrix_views=views, compute_dtype=jnp.bfloat16, group_strategy=strategy
+    )
+    p = _put(params, mesh, specs)
+    with jax.set_mesh(mesh):
+      updates, _, _ = _run(tx, p, [_put(g, mesh, specs) for g in grads])
+    out[strategy] = {
+      'rel_err': max(_rel_err(updates[k], ref[k]) for k in ref),
+      'updates_keep_sharding': all(_same_sharding(updates[k], p[k]) for k in p),
+    }
+  return out
+
+
 def main():
   if jax.device_count() < 8:
     raise SystemExit(
@@ -315,6 +350,7 @@ def main():
     'alias',
     'flops',
     'trap',
+    'bf16',
   ]
   checks = {
     'explicit': lambda: check_layouts('explicit'),
@@ -323,6 +359,7 @@ def main():
     'alias': check_muon_alias,
     'flops': check_flops,
     'trap': check_trap,
+    'bf16': check_bf16,
   }
   print(json.dumps({k: checks[k]() for k in which}, indent=1))
 
