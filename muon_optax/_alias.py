@@ -39,7 +39,7 @@ def _with_adam(
   weight_decay: jax.typing.ArrayLike,
   weight_decay_mask: Any,
   mu_dtype: jax.typing.DTypeLike | None,
-  consistent_rms: jax.typing.ArrayLike | None,
+  consistent_rms: jax.typing.ArrayLike | str | None,
   adam_learning_rate: optax.ScalarOrSchedule | None,
   adam_b1: jax.typing.ArrayLike,
   adam_b2: jax.typing.ArrayLike,
@@ -103,7 +103,7 @@ def muon(
   adaptive: bool = False,
   preconditioning: str = 'frobenius',
   bias_correction: bool = False,
-  consistent_rms: jax.typing.ArrayLike | None = 0.2,
+  consistent_rms: jax.typing.ArrayLike | str | None = 0.2,
   compute_dtype: jax.typing.DTypeLike | None = None,
   adam_learning_rate: optax.ScalarOrSchedule | None = None,
   adam_b1: jax.typing.ArrayLike = 0.9,
@@ -174,9 +174,11 @@ def muon(
     bias_correction: Adam-style bias correction of the Muon momentum,
       optax.contrib's form (see `scale_by_muon`).
     consistent_rms: the update RMS factor of `scale_by_shape` (0.2: AdamW's
-      RMS), or None for KellerJordan's width scaling
-      :math:`\sqrt{\max(1, \text{fan\_out}/\text{fan\_in})}`, which wants
-      a larger learning rate than Adam's (see `adam_learning_rate`).
+      RMS), None for width scaling
+      :math:`\sqrt{\max(1, \text{fan\_out}/\text{fan\_in})}` (which wants
+      a larger learning rate than Adam's, see `adam_learning_rate`), or
+      `'keller_jordan'` for KellerJordan/Muon's factor on PyTorch layouts
+      (see `scale_by_shape`).
     compute_dtype: dtype of the Newton–Schulz matmul operands.
     adam_learning_rate: the Adam part's learning rate; None uses
       `learning_rate`.
@@ -286,7 +288,7 @@ def normuon(
   adaptive: bool = False,
   preconditioning: str = 'frobenius',
   bias_correction: bool = False,
-  consistent_rms: jax.typing.ArrayLike | None = 0.2,
+  consistent_rms: jax.typing.ArrayLike | str | None = 0.2,
   compute_dtype: jax.typing.DTypeLike | None = None,
   adam_learning_rate: optax.ScalarOrSchedule | None = None,
   adam_b1: jax.typing.ArrayLike = 0.9,

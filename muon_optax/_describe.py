@@ -19,7 +19,7 @@ def describe(
   param_labels: Any = None,
   *,
   matrix_views: Any = None,
-  consistent_rms: float | None = 0.2,
+  consistent_rms: float | str | None = 0.2,
 ) -> str:
   """A table of every parameter: path, shape, label, matrix view, scale, why.
 
@@ -78,7 +78,7 @@ def describe(
     if label == MUON:
       resolved = resolver(path, shape).resolve(shape)
       view_txt = resolved.describe()
-      scale = _views.shape_scale(*resolved.matrix_shape, consistent_rms)
+      scale = _views.shape_scale(resolved, consistent_rms)
       scale_txt = f'{scale:.3f}'
     rule = rules.get(path)
     why = rule.why if rule is not None else 'param_labels'
@@ -98,6 +98,16 @@ def describe(
     for label, (n, size) in sorted(totals.items(), reverse=True)
   )
   notes = [f'warning: {w}' for w in routing.warnings]
+  defaulted = [
+    p for p, r in rules.items() if r.label == MUON and 'by default' in r.why
+  ]
+  if routing.source == 'names' and defaulted:
+    notes.append(
+      f'note: {len(defaulted)} leaves have no layout in their names and are '
+      "read in Flax's ((in, out), (kh, kw, in, out)); for PyTorch's "
+      "(out, in, ...) name them `*.weight`, give `view_overrides={'<path>': "
+      'MatrixView((-1,), (-2,))}`, or trace (docs/pytorch.md).'
+    )
   if routing.source == 'names' and not any(
     d.kind == HEAD for d in routing.decisions.values()
   ):

@@ -71,7 +71,8 @@ def shape_view(
   if name in _OUT_IN_NAMES:
     return out_in_view(ndim), 'weight (out, in, ...)', False
   if ndim == 2:
-    return MatrixView.dense(), 'matrix', False
+    why = 'matrix' if name in _KERNEL_NAMES else 'matrix, (in, out) by default'
+    return MatrixView.dense(), why, False
   # Flax's attention projections. A fourth axis is a guess: stacked layers
   # (Linen `nn.scan`) or grouped heads (penzai's (d, kv, q_rep, head_dim)).
   if owner in _ATTN_IN:
@@ -86,7 +87,7 @@ def shape_view(
     return MatrixView.conv(ndim - 2), 'conv (*spatial, in, out)', False
   if ndim == 4 and name in _KERNEL_NAMES:
     # The convention: a 4-axis Flax or Haiku kernel is a 2-D conv's.
-    return MatrixView.conv(2), 'conv (kh, kw, in, out) by its 4 axes', False
+    return MatrixView.conv(2), 'conv (kh, kw, in, out) by default', False
   # No name says what this is (a Conv1D, a scanned Dense, an einsum kernel):
   # Flax's conv layout is the likeliest, and a guess.
   why = 'guessed conv layout (*spatial, in, out)'

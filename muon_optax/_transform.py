@@ -285,7 +285,7 @@ def scale_by_muon(
 
 def scale_by_shape(
   matrix_views: _binding.MatrixViews = None,
-  consistent_rms: jax.typing.ArrayLike | None = 0.2,
+  consistent_rms: jax.typing.ArrayLike | str | None = 0.2,
 ) -> optax.GradientTransformation:
   r"""Scales each leaf's update by a factor of its matrix view's shape.
 
@@ -297,21 +297,34 @@ def scale_by_shape(
     AdamW update (Moonlight), so AdamW's learning rate and weight decay carry
     over;
   - `consistent_rms=None`: :math:`\sqrt{\max(1, \text{fan\_out} /
-    \text{fan\_in})}` (KellerJordan/Muon's width scaling).
+    \text{fan\_in})}`, width scaling on the matrix (torch.optim.Muon's
+    `'original'`, and KellerJordan's for 2-D weights);
+  - `consistent_rms='keller_jordan'`: :math:`\sqrt{\max(1, A / B)}` for the
+    leaf's last two axes A, B, exactly what KellerJordan/Muon's code
+    computes on the raw gradient: `(out, in)` for a PyTorch 2-D weight (the
+    same as None), but `(kh, kw)` for an `(out, in, kh, kw)` conv filter, 1
+    for square kernels (None gives the filter's
+    :math:`\sqrt{\max(1, \text{out} / (\text{in} \cdot kh \cdot kw))}`).
+    For reproducing his runs; it assumes PyTorch layouts.
 
-  optax.contrib's `scale_by_shape` does the same with
+  optax.contrib's `scale_by_shape` does the first two with
   `weight_dimension_numbers` and defaults to None; the fan-in and fan-out
   here are those of the matrix view (a conv kernel's `prod(spatial)·in` and
   `out`), never of the raw leaf shape.
 
   Args:
     matrix_views: as in `scale_by_muon`.
-    consistent_rms: the target RMS factor, or None for width scaling.
+    consistent_rms: the target RMS factor, None for width scaling, or
+      `'keller_jordan'`.
 
   Returns:
     A stateless `GradientTransformation`.
   """
-  if consistent_rms is not None:
+  if isinstance(consistent_rms, str):
+    _checks.check_choice(
+      consistent_rms, 'consistent_rms', (_views.KELLER_JORDAN,)
+    )
+  elif consistent_rms is not None:
     _checks.check_scalar(consistent_rms, 'consistent_rms', low=0.0, high=1e6)
 
   def init_fn(params):
@@ -322,7 +335,7 @@ def scale_by_shape(
     del params
     flat, treedef = jax.tree.flatten(updates)
     for leaf in _binding.bind_views(updates, matrix_views):
-      scale = _views.shape_scale(*leaf.view.matrix_shape, consistent_rms)
+      scale = _views.shape_scale(leaf.view, consistent_rms)
       u = flat[leaf.index]
       flat[leaf.index] = (u * scale).astype(u.dtype)
     return jax.tree.unflatten(treedef, flat), state

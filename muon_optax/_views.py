@@ -162,15 +162,24 @@ def is_view_leaf(x: Any) -> bool:
   )
 
 
-def shape_scale(
-  fan_in: int, fan_out: int, consistent_rms: jax.typing.ArrayLike | None
-) -> jax.typing.ArrayLike:
-  """The factor of an orthogonalized `(fan_in, fan_out)` update.
+KELLER_JORDAN = 'keller_jordan'
 
-  `consistent_rms * sqrt(max(fan_in, fan_out))` (Moonlight: the update RMS
-  of AdamW when `consistent_rms=0.2`), or KellerJordan/Muon's width scaling
-  `sqrt(max(1, fan_out / fan_in))` when `consistent_rms` is None.
+
+def shape_scale(
+  view: ResolvedView, consistent_rms: jax.typing.ArrayLike | str | None
+) -> jax.typing.ArrayLike:
+  """The factor of an orthogonalized update through `view`.
+
+  With the view's `(fan_in, fan_out)`: `consistent_rms * sqrt(max(fan_in,
+  fan_out))` (Moonlight: the update RMS of AdamW when `consistent_rms=0.2`);
+  `sqrt(max(1, fan_out / fan_in))` when it is None (width scaling); with
+  `'keller_jordan'`, `sqrt(max(1, A / B))` for the leaf's last two axes A, B,
+  what KellerJordan/Muon's code computes on the raw gradient.
   """
+  if isinstance(consistent_rms, str):  # KELLER_JORDAN, checked at construction
+    rows, cols = view.shape[-2:]
+    return math.sqrt(max(1.0, rows / cols))
+  fan_in, fan_out = view.matrix_shape
   if consistent_rms is None:
     return math.sqrt(max(1.0, fan_out / fan_in))
   return consistent_rms * math.sqrt(max(fan_in, fan_out))
