@@ -1,4 +1,5 @@
-"""`compare.main` end to end on tiny configs, and the summary's figures."""
+"""The harness (`compare.py`) end to end on tiny configs, and the summary's
+figures."""
 
 import argparse
 import json
@@ -10,13 +11,16 @@ import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-import compare  # noqa: E402
+from harness import analysis  # noqa: E402
+from harness import cli  # noqa: E402
+from harness import merge  # noqa: E402
+from harness import report  # noqa: E402
 
 
 @pytest.mark.slow
 def test_convnet_end_to_end(tmp_path):
   # The tiny config of convnet/train_test.py: its compilations are reused.
-  compare.main(
+  cli.main(
     [
       '--epochs=1',
       '--train-size=256',
@@ -72,7 +76,7 @@ def test_transformer_end_to_end(tmp_path):
   # threshold); --first-seed runs later seeds; recorded max logits get a
   # table and a plot. The tiny config and learning rate are those of
   # transformer/train_test.py's QK-Clip check, where muon's logits grow.
-  compare.main(
+  cli.main(
     [
       '--task=transformer',
       '--steps=12',
@@ -147,7 +151,7 @@ def test_transformer_end_to_end(tmp_path):
 )
 def test_bad_arguments(argv, match, tmp_path):
   with pytest.raises(SystemExit, match=match):
-    compare.main([*argv, '--out', str(tmp_path)])
+    cli.main([*argv, '--out', str(tmp_path)])
 
 
 def _run(name, seed, lr, steps, vals, optimizer=None, step_time=0.1):
@@ -168,8 +172,8 @@ def _run(name, seed, lr, steps, vals, optimizer=None, step_time=0.1):
 
 
 def _summary(runs):
-  """`compare.summarize` of a 40-step Transformer comparison of `runs`."""
-  return compare.summarize(
+  """`report.summarize` of a 40-step Transformer comparison of `runs`."""
+  return report.summarize(
     {
       'task': 'transformer',
       'data': 'x',
@@ -191,7 +195,7 @@ def test_analysis_steps_to_reach_and_step_time_ratio():
     _run('adamw', 1, 0.01, 40, [3.0, 2.8, 2.5, 2.3]),
     _run('sgd', 0, 0.1, 40, [3.0, 2.9, 2.8, 1.0]),
   ]
-  a = compare.analyze({'task': 'transformer', 'runs': runs})
+  a = analysis.analyze({'task': 'transformer', 'runs': runs})
   table = a['table']
   assert table['muon']['test_loss'] == pytest.approx([1.9, 0.0])
   assert table['muon']['step_time_vs_adamw'] == pytest.approx(1.4)
@@ -220,7 +224,7 @@ def test_analysis_normuon_reaches_muon():
     _run('adamw', 0, 0.01, 40, [3.0, 2.8, 2.5, 2.3]),
     _run('sgd', 0, 0.1, 40, [3.0, 2.9, 2.8, 2.7]),
   ]
-  a = compare.analyze({'task': 'transformer', 'runs': runs})
+  a = analysis.analyze({'task': 'transformer', 'runs': runs})
   assert a['reach']['normuon']['muon'] == {
     'target': 1.8,
     'step': 30,
@@ -264,7 +268,7 @@ def test_merge_picks_the_best_seed0_lr_of_each_search(tmp_path):
     data=None,
     optimizers=None,
   )
-  results = compare.merge(args)
+  results = merge.merge(args)
   assert results['chosen_lr'] == {'muon': 0.02, 'adamw': 0.01}
   picked = [(r['name'], r['seed'], r['learning_rate']) for r in results['runs']]
   assert picked == [
@@ -276,17 +280,17 @@ def test_merge_picks_the_best_seed0_lr_of_each_search(tmp_path):
   assert dict(results['tuning']['adamw']) == {0.01: 2.9, 0.003: 3.1}
   assert results['tune_budget'] == 0.4
   assert results['search_budget'] == {'muon': 1.0, 'adamw': 0.4}
-  grids = compare.summarize(results).split('## Learning-rate grids')[1]
+  grids = report.summarize(results).split('## Learning-rate grids')[1]
   # muon's seed-0 runs are at the full budget, adamw's at the search budget.
   muon = '- muon: 0.01: 2.5000, 0.02: 2.1000, 0.04: inf → **0.02**'
   assert f'{muon} (after 1× the budget)\n' in grids
   assert '- adamw: 0.003: 3.1000, 0.01: 2.9000 → **0.01** (at the edge' in grids
   # --optimizers keeps some rows: a partial merge while other rows still run.
   args.optimizers = 'adamw'
-  assert [r['name'] for r in compare.merge(args)['runs']] == ['adamw'] * 2
+  assert [r['name'] for r in merge.merge(args)['runs']] == ['adamw'] * 2
   args.optimizers = 'adamw,muon'
-  names = [r['name'] for r in compare.merge(args)['runs']]
+  names = [r['name'] for r in merge.merge(args)['runs']]
   assert names == ['adamw', 'adamw', 'muon', 'muon']
   args.optimizers = 'adamw,sgd'
   with pytest.raises(SystemExit, match=r"no runs of \['sgd'\]"):
-    compare.merge(args)
+    merge.merge(args)
