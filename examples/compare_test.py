@@ -138,7 +138,7 @@ def test_transformer_end_to_end(tmp_path):
     (['--task', 'transformer', '--mesh', 'a,b'], '--mesh takes DATA,FSDP'),
     (['--task', 'transformer', '--set', 'mesh=2,4'], 'Use --mesh'),
     (['--set', 'learning_rate=0.1'], 'the harness sets'),
-    (['--set', 'widths=a'], '`widths` takes'),
+    (['--set', 'widths=a'], "Could not override field 'widths'"),
     (['--task', 'resnet', '--steps', '5'], '--steps is for transformer and'),
     (['--variant', 'fast=adam:beta=0.9'], '--variant takes'),
     (['--optimizers', 'adam'], "Unknown optimizer 'adam'"),

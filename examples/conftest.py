@@ -8,6 +8,9 @@ import jax
 import pytest
 
 _HERE = str(pathlib.Path(__file__).resolve().parent)
+# Each `main.py` defines its absl flags on import, as Flax's examples do: they
+# run as scripts (the tests start them in subprocesses), never imported here.
+collect_ignore_glob = ['*/main.py']
 if _HERE not in sys.path:
   sys.path.insert(0, _HERE)
 

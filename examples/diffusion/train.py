@@ -11,13 +11,13 @@ from typing import Any
 from flax import nnx
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
 from diffusion import ddpm
 from diffusion import input_pipeline
 from diffusion import models
-from diffusion.configs import default
 import muon_optax
 
 OPTIMIZERS = ('muon', 'adamw', 'nadamw', 'sgd', 'optax_muon', 'normuon')
@@ -40,7 +40,7 @@ def create_learning_rate_schedule(
   )
 
 
-def muon_routing(config: default.Config, model: nnx.Module) -> Any:
+def muon_routing(config: ml_collections.ConfigDict, model: nnx.Module) -> Any:
   """`param_labels` of the `muon` and `normuon` rows: the model itself (the
   library's routing of its layer types), or with `config.head_names` that
   routing with those head patterns."""
@@ -50,7 +50,7 @@ def muon_routing(config: default.Config, model: nnx.Module) -> Any:
 
 
 def create_optimizer(
-  config: default.Config, model: nnx.Module, total_steps: int
+  config: ml_collections.ConfigDict, model: nnx.Module, total_steps: int
 ) -> optax.GradientTransformation:
   """`config.optimizer` with its defaults and the shared schedule.
 
@@ -184,7 +184,7 @@ def _sample(model, noise, alpha_bars, *, steps):
   return ddpm.ddim_sample(model, noise, alpha_bars, steps)
 
 
-def sample(model, config: default.Config, alpha_bars) -> np.ndarray:
+def sample(model, config: ml_collections.ConfigDict, alpha_bars) -> np.ndarray:
   """`config.samples` uint8 images by DDIM from noise of a fixed seed (the
   same start for every run, so grids compare side by side)."""
   shape = (config.samples, 32, 32, 3)
@@ -207,11 +207,11 @@ def image_grid(images: np.ndarray, columns: int = 8, gap: int = 2):
   return grid
 
 
-def model_name(config: default.Config) -> str:
+def model_name(config: ml_collections.ConfigDict) -> str:
   return f'U-Net, widths {config.widths}, patch {config.patch}'
 
 
-def create_model(config: default.Config) -> models.UNet:
+def create_model(config: ml_collections.ConfigDict) -> models.UNet:
   return models.UNet(
     config.widths,
     config.blocks,
@@ -227,7 +227,7 @@ def count_params(model: nnx.Module) -> int:
 
 
 def create_train_state(
-  config: default.Config,
+  config: ml_collections.ConfigDict,
 ) -> tuple[models.UNet, nnx.Optimizer, Any]:
   """`(model, optimizer, step)`; `step(images, key)` trains on one uint8
   batch and returns its loss."""
@@ -242,7 +242,7 @@ def create_train_state(
   return model, optimizer, lambda images, key: step(images, key, alpha_bars)
 
 
-def example_batch(config: default.Config) -> tuple[Any, ...]:
+def example_batch(config: ml_collections.ConfigDict) -> tuple[Any, ...]:
   """Arguments of one `step` (random images), for timing it."""
   rng = np.random.default_rng(0)
   shape = (config.batch_size, 32, 32, 3)
@@ -250,7 +250,7 @@ def example_batch(config: default.Config) -> tuple[Any, ...]:
 
 
 def train_and_evaluate(
-  config: default.Config, workdir: str | os.PathLike | None
+  config: ml_collections.ConfigDict, workdir: str | os.PathLike | None
 ) -> dict[str, Any]:
   """Trains one run, writes `workdir/result.json` (and `samples.png`) and
   returns the result.

@@ -4,6 +4,7 @@ pieces against independent computations."""
 import json
 import math
 import pathlib
+import subprocess
 import sys
 
 from flax import nnx
@@ -18,14 +19,23 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from diffusion import ddpm  # noqa: E402
-from diffusion import main  # noqa: E402
 from diffusion import models  # noqa: E402
 from diffusion import train  # noqa: E402
 from diffusion.configs import tiny  # noqa: E402
 
 
+def _with(config, **changes):
+  """A copy of `config` with these (existing) fields set."""
+  config = config.copy_and_resolve_references()
+  for name, value in changes.items():
+    assert name in config, name
+    setattr(config, name, value)
+  return config
+
+
 def _tiny(**changes):
-  return tiny.get_config().replace(
+  return _with(
+    tiny.get_config(),
     widths=(4, 8), groups=2, steps=4, eval_every=2, eval_size=20,
     eval_levels=4, eval_batch_size=8, samples=4, sample_steps=3, train_size=64,
     batch_size=16, **changes,
@@ -54,15 +64,35 @@ def test_train_and_evaluate(optimizer, tmp_path):
 
 
 @pytest.mark.slow
-def test_main_without_flags_trains_the_tiny_config(tmp_path, monkeypatch):
-  monkeypatch.setattr(
-    tiny, 'get_config', lambda: _tiny(), raising=True
-  )  # the tiny file's own config, made smaller still
-  result = main.main([f'--workdir={tmp_path}', '--config.steps=2'])
+def test_main_without_flags_trains_the_tiny_config(tmp_path):
+  """Without --config: the tiny config on the bundled digits (made smaller
+  still here), the flags as a user types them."""
+  cmd = [
+    sys.executable,
+    str(pathlib.Path(__file__).with_name('main.py')),
+    f'--workdir={tmp_path}',
+    '--config.widths=(4, 8)',
+    '--config.groups=2',
+    '--config.steps=2',
+    '--config.eval_every=2',
+    '--config.eval_size=20',
+    '--config.eval_levels=4',
+    '--config.eval_batch_size=8',
+    '--config.samples=4',
+    '--config.sample_steps=3',
+    '--config.train_size=64',
+    '--config.batch_size=16',
+  ]
+  done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  assert done.returncode == 0, done.stderr[-2000:]
+  result = json.loads((tmp_path / 'result.json').read_text())
   assert result['total_steps'] == 2 and result['optimizer'] == 'muon'
   assert 'CIFAR' not in result['data'] and 'digits' in result['data']
-  with pytest.raises(SystemExit):
-    main.main([f'--workdir={tmp_path}', '--steps=1'])
+  assert (tmp_path / 'samples.png').is_file()
+  bad = subprocess.run(
+    [*cmd[:3], '--epochs=1'], capture_output=True, text=True, check=False
+  )
+  assert bad.returncode != 0 and 'epochs' in bad.stderr
 
 
 def test_cosine_schedule_matches_its_closed_form():

@@ -3,7 +3,6 @@ interleaved step timing."""
 
 import argparse
 from collections.abc import Sequence
-import dataclasses
 import json
 import math
 import pathlib
@@ -11,10 +10,11 @@ import sys
 import time
 from typing import Any
 
-from harness import analysis
-from harness import tasks
 import numpy as np
 import tqdm
+
+from harness import analysis
+from harness import tasks
 
 
 def step_times(
@@ -30,8 +30,8 @@ def step_times(
   steps, num_params = {}, None
   for name, (base, kwargs) in rows.items():
     grid = grids[name]
-    cfg = tasks.row_config(config, base, kwargs).replace(
-      learning_rate=grid[len(grid) // 2]
+    cfg = tasks.with_changes(
+      tasks.row_config(config, base, kwargs), learning_rate=grid[len(grid) // 2]
     )
     if task.budget == 'epochs':
       model, _, step = train.create_train_state(cfg, 10, 1000)
@@ -105,8 +105,8 @@ def train_rows(
 
   def run(name, cfg, lr, seed, tune):
     base, kwargs = rows[name]
-    cfg = tasks.row_config(cfg, base, kwargs).replace(
-      learning_rate=lr, seed=seed
+    cfg = tasks.with_changes(
+      tasks.row_config(cfg, base, kwargs), learning_rate=lr, seed=seed
     )
     suffix = '_search' if tune and not reuse else ''
     workdir = out / 'runs' / f'{name}_lr{lr:g}_seed{seed}{suffix}'
@@ -159,7 +159,7 @@ def train_rows(
     'data': config.data or task.embedded,
     'budget': describe_budget(task, config, done[0]),
     'num_params': done[0]['num_params'],
-    'config': dataclasses.asdict(config),
+    'config': config.to_dict(),
     'tune_budget': args.tune_budget,
     'search_seed': args.first_seed,
     'rows': {n: {'optimizer': b, 'kwargs': k} for n, (b, k) in rows.items()},

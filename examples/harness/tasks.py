@@ -17,6 +17,7 @@ import pathlib
 from typing import Any
 
 import jax
+import ml_collections
 
 HERE = pathlib.Path(__file__).resolve().parents[1]  # examples/
 
@@ -145,7 +146,7 @@ def row_config(config: Any, base: str, kwargs: dict[str, Any]) -> Any:
     for k, v in kwargs.items()
     if k.startswith('config.')
   }
-  allowed = {f.name for f in dataclasses.fields(config)} - set(HARNESS_FIELDS)
+  allowed = set(config.keys()) - set(HARNESS_FIELDS)
   for field in fields:
     if field not in allowed:
       raise SystemExit(
@@ -155,8 +156,8 @@ def row_config(config: Any, base: str, kwargs: dict[str, Any]) -> Any:
   optimizer_kwargs = {
     k: v for k, v in kwargs.items() if not k.startswith('config.')
   }
-  return config.replace(
-    optimizer=base, optimizer_kwargs=optimizer_kwargs, **fields
+  return with_changes(
+    config, optimizer=base, optimizer_kwargs=optimizer_kwargs, **fields
   )
 
 
@@ -251,16 +252,43 @@ def task_config(args: argparse.Namespace) -> Any:
         f'--set {field}: the harness sets {HARNESS_FIELDS} per run; use '
         '--optimizers, --variant, --lr-grid and --seeds.'
       )
-  config = config.replace(**changes)
+  config = with_changes(config, **changes)
   try:
-    return config.override(args.set)
-  except ValueError as e:
+    return with_changes(config, **dict(parse_assignment(a) for a in args.set))
+  except (KeyError, TypeError, ValueError) as e:
     raise SystemExit(f'--set: {e}') from None
 
 
 def scale_budget(config: Any, task: Task, fraction: float) -> Any:
   """The same schedule shape on `fraction` of the budget."""
   if task.budget == 'epochs':
-    return config.replace(epochs=config.epochs * fraction)
+    return with_changes(config, epochs=config.epochs * fraction)
   steps = max(1, round(config.steps * fraction))
-  return config.replace(steps=steps, eval_every=min(config.eval_every, steps))
+  return with_changes(
+    config, steps=steps, eval_every=min(config.eval_every, steps)
+  )
+
+
+def with_changes(
+  config: ml_collections.ConfigDict, **changes: Any
+) -> ml_collections.ConfigDict:
+  """A copy of `config` with these fields set (each must exist; a field's
+  type is checked by the ConfigDict)."""
+  out = config.copy_and_resolve_references()
+  for name, value in changes.items():
+    if name not in out:
+      raise KeyError(
+        f'{name!r} is no field of the config; the fields are '
+        f'{sorted(out.keys())}.'
+      )
+    setattr(out, name, value)
+  return out
+
+
+def parse_assignment(item: str) -> tuple[str, Any]:
+  """`FIELD=VALUE` with VALUE read as a Python literal (a string if it is
+  none): `widths=16,32,64`, `train_size=None`, `optimizer=muon`."""
+  name, sep, text = item.partition('=')
+  if not sep or not name:
+    raise ValueError(f'expected FIELD=VALUE, got {item!r}')
+  return name, literal(text)

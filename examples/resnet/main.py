@@ -1,52 +1,46 @@
-r"""Trains the ResNet with one optimizer, from a config file and overrides.
+r"""Trains the CIFAR ResNet with one optimizer, from a config file and overrides.
 
   python examples/resnet/main.py --workdir=/tmp/resnet \
     --config=examples/resnet/configs/default.py \
     --config.data=../shared/data/cifar10 --config.optimizer=muon \
-    --config.learning_rate=0.01
+    --config.learning_rate=0.02
 
-Writes `WORKDIR/result.json` (history and final figures) and logs every
-evaluation. `--config.FIELD=VALUE` sets any field of `configs/default.py`.
+`--config` is a config file (default `configs/default.py`);
+`--config.FIELD=VALUE` sets any of its fields. Writes `WORKDIR/result.json`
+(history and final figures) and logs every evaluation.
 """
 
-import argparse
-from collections.abc import Sequence
-import importlib.util
-import logging
 import pathlib
 import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
 
 # `import resnet` also when run as a script from anywhere.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from resnet import train  # noqa: E402
 
-DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent / 'configs/default.py'
+CONFIGS = pathlib.Path(__file__).resolve().parent / 'configs'
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Where result.json is written.')
+config_flags.DEFINE_config_file(
+  'config',
+  str(CONFIGS / 'default.py'),
+  'The training config file.',
+  lock_config=True,
+)
 
 
-def load_config(path: str | pathlib.Path):
-  """`get_config()` of the config file at `path`."""
-  spec = importlib.util.spec_from_file_location('config_file', path)
-  if spec is None or not pathlib.Path(path).is_file():
-    raise FileNotFoundError(f'`--config` {str(path)!r} is not a file.')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
-def main(argv: Sequence[str] | None = None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--workdir', required=True)
-  parser.add_argument('--config', default=str(DEFAULT_CONFIG))
-  args, rest = parser.parse_known_args(argv)
-  bad = [a for a in rest if not a.startswith('--config.') or '=' not in a]
-  if bad:
-    parser.error(f'unrecognized arguments: {bad} (--config.FIELD=VALUE)')
-  config = load_config(args.config)
-  config = config.override([a.removeprefix('--config.') for a in rest])
-  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s')
-  return train.train_and_evaluate(config, args.workdir)
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}.')
+  logging.set_verbosity(logging.INFO)
+  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == '__main__':
-  main()
+  flags.mark_flags_as_required(['workdir'])
+  app.run(main)

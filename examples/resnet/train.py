@@ -11,13 +11,13 @@ from typing import Any
 from flax import nnx
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
 import muon_optax
 from resnet import input_pipeline
 from resnet import models
-from resnet.configs import default
 
 OPTIMIZERS = ('muon', 'adamw', 'nadamw', 'sgd', 'optax_muon', 'normuon')
 
@@ -36,7 +36,7 @@ def create_learning_rate_schedule(
   )
 
 
-def muon_routing(config: default.Config, model: nnx.Module) -> Any:
+def muon_routing(config: ml_collections.ConfigDict, model: nnx.Module) -> Any:
   """`param_labels` of the `muon` and `normuon` rows: the model itself (the
   library's routing of its layer types), or with `config.head_names` that
   routing with those head patterns."""
@@ -46,7 +46,7 @@ def muon_routing(config: default.Config, model: nnx.Module) -> Any:
 
 
 def create_optimizer(
-  config: default.Config, model: nnx.Module, total_steps: int
+  config: ml_collections.ConfigDict, model: nnx.Module, total_steps: int
 ) -> optax.GradientTransformation:
   """`config.optimizer` with its defaults and the shared schedule.
 
@@ -169,11 +169,13 @@ def evaluate(model, split, batch_size, mean, std) -> tuple[float, float]:
   return total_loss / n, total_correct / n
 
 
-def model_name(config: default.Config) -> str:
+def model_name(config: ml_collections.ConfigDict) -> str:
   return f'ResNet, width {config.width}, stages {config.stage_sizes}'
 
 
-def create_model(config: default.Config, num_classes: int) -> nnx.Module:
+def create_model(
+  config: ml_collections.ConfigDict, num_classes: int
+) -> nnx.Module:
   return models.ResNet(
     num_classes,
     width=config.width,
@@ -187,7 +189,7 @@ def count_params(model: nnx.Module) -> int:
 
 
 def create_train_state(
-  config: default.Config, num_classes: int, total_steps: int
+  config: ml_collections.ConfigDict, num_classes: int, total_steps: int
 ) -> tuple[nnx.Module, nnx.Optimizer, Any]:
   """`(model, optimizer, step)`; `step(images, labels, key, mean, std)`
   trains on one uint8 batch and returns its loss."""
@@ -203,7 +205,7 @@ def create_train_state(
   return model, optimizer, step
 
 
-def example_batch(config: default.Config) -> tuple[Any, ...]:
+def example_batch(config: ml_collections.ConfigDict) -> tuple[Any, ...]:
   """Arguments of one `step` (random images and labels), for timing it."""
   rng = np.random.default_rng(0)
   n = config.batch_size
@@ -217,7 +219,7 @@ def example_batch(config: default.Config) -> tuple[Any, ...]:
 
 
 def train_and_evaluate(
-  config: default.Config, workdir: str | os.PathLike | None
+  config: ml_collections.ConfigDict, workdir: str | os.PathLike | None
 ) -> dict[str, Any]:
   """Trains one run, writes `workdir/result.json` and returns it.
 

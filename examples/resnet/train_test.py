@@ -3,6 +3,7 @@
 import json
 import math
 import pathlib
+import subprocess
 import sys
 
 from flax import nnx
@@ -13,7 +14,6 @@ import muon_optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from resnet import main  # noqa: E402
 from resnet import models  # noqa: E402
 from resnet import train  # noqa: E402
 from resnet.configs import tiny  # noqa: E402
@@ -21,9 +21,18 @@ from resnet.configs import tiny  # noqa: E402
 HERE = pathlib.Path(__file__).resolve().parent
 
 
+def _with(config, **changes):
+  """A copy of `config` with these (existing) fields set."""
+  config = config.copy_and_resolve_references()
+  for name, value in changes.items():
+    assert name in config, name
+    setattr(config, name, value)
+  return config
+
+
 def _tiny(**changes):
-  return tiny.get_config().replace(
-    epochs=1.0, train_size=256, stage_sizes=(1, 1), **changes
+  return _with(
+    tiny.get_config(), epochs=1.0, train_size=256, stage_sizes=(1, 1), **changes
   )
 
 
@@ -39,17 +48,25 @@ def test_train_and_evaluate(tmp_path):
 
 @pytest.mark.slow
 def test_main_reads_config_file_and_overrides(tmp_path):
-  result = main.main(
-    [
-      f'--workdir={tmp_path}',
-      f'--config={pathlib.Path(tiny.__file__)}',
-      '--config.stage_sizes=1,1',
-      '--config.epochs=0.5',
-      '--config.train_size=256',
-      '--config.optimizer=adamw',
-    ]
-  )
+  """The flags as a user types them (absl, ml_collections.config_flags)."""
+  cmd = [
+    sys.executable,
+    str(pathlib.Path(__file__).with_name('main.py')),
+    f'--workdir={tmp_path}',
+    f'--config={pathlib.Path(tiny.__file__)}',
+    '--config.stage_sizes=(1, 1)',
+    '--config.epochs=0.5',
+    '--config.train_size=256',
+    '--config.optimizer=adamw',
+  ]
+  done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  assert done.returncode == 0, done.stderr[-2000:]
+  result = json.loads((tmp_path / 'result.json').read_text())
   assert result['optimizer'] == 'adamw' and result['total_steps'] == 2
+  bad = subprocess.run(
+    [*cmd[:3], '--epochs=1'], capture_output=True, text=True, check=False
+  )
+  assert bad.returncode != 0 and 'epochs' in bad.stderr
 
 
 def _resnet_params(width, stage_sizes, num_classes=10):
@@ -109,13 +126,4 @@ def test_head_names_moves_only_the_head_to_muon():
   updates, _ = tx.update(params, tx.init(params), params)
   assert jax.tree.structure(updates) == jax.tree.structure(params)
   with pytest.raises(ValueError, match='head_names'):
-    train.create_optimizer(config.replace(optimizer='adamw'), model, 6)
-
-
-def test_head_names_parse_from_the_command_line():
-  config = tiny.get_config()
-  assert config.override(['head_names=']).head_names == ()
-  assert config.override(['head_names=head,lm_head']).head_names == (
-    'head',
-    'lm_head',
-  )
+    train.create_optimizer(_with(config, optimizer='adamw'), model, 6)

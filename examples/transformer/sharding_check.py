@@ -21,7 +21,8 @@ MESH = (2, 4)
 
 
 def _config(optimizer, mesh=None):
-  return tiny.get_config().replace(
+  config = tiny.get_config()
+  config.update(
     optimizer=optimizer,
     learning_rate=1e-2,
     d_model=32,
@@ -35,6 +36,7 @@ def _config(optimizer, mesh=None):
     max_bytes=50_000,
     mesh=mesh,
   )
+  return config
 
 
 def check(optimizer: str) -> dict:

@@ -13,13 +13,13 @@ from typing import Any
 from flax import nnx
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
 import muon_optax
 from transformer import input_pipeline
 from transformer import models
-from transformer.configs import default
 
 OPTIMIZERS = ('muon', 'adamw', 'nadamw', 'sgd', 'optax_muon', 'normuon')
 
@@ -38,7 +38,7 @@ def create_learning_rate_schedule(
   )
 
 
-def muon_routing(config: default.Config, model: nnx.Module) -> Any:
+def muon_routing(config: ml_collections.ConfigDict, model: nnx.Module) -> Any:
   """`param_labels` of the `muon` and `normuon` rows: the model itself (the
   library's routing of its layer types), or with `config.head_names` that
   routing with those head patterns."""
@@ -48,7 +48,7 @@ def muon_routing(config: default.Config, model: nnx.Module) -> Any:
 
 
 def create_optimizer(
-  config: default.Config, model: nnx.Module, total_steps: int
+  config: ml_collections.ConfigDict, model: nnx.Module, total_steps: int
 ) -> optax.GradientTransformation:
   """`config.optimizer` with its defaults and the shared schedule.
 
@@ -130,7 +130,7 @@ def _shared_optimizer(config, model, total_steps):
   return _OPTIMIZERS[key]
 
 
-def create_model(config: default.Config) -> models.Transformer:
+def create_model(config: ml_collections.ConfigDict) -> models.Transformer:
   return models.Transformer(
     input_pipeline.VOCAB_SIZE,
     config.context,
@@ -285,7 +285,7 @@ def in_fsdp_layouts(state: Any, mesh: jax.sharding.Mesh) -> bool:
 
 
 def create_train_state(
-  config: default.Config, mesh: jax.sharding.Mesh | None = None
+  config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None
 ) -> tuple[models.Transformer, nnx.Optimizer, Any]:
   """`(model, optimizer, step)`, `step(x, y)` training on one batch.
 
@@ -331,7 +331,7 @@ def create_train_state(
   )
 
 
-def example_batch(config: default.Config) -> tuple[Any, ...]:
+def example_batch(config: ml_collections.ConfigDict) -> tuple[Any, ...]:
   """Arguments of one `step` (random tokens), for timing it."""
   rng = np.random.default_rng(0)
   x = rng.integers(0, 256, (config.batch_size, config.context), np.int32)
@@ -339,7 +339,7 @@ def example_batch(config: default.Config) -> tuple[Any, ...]:
 
 
 def train_and_evaluate(
-  config: default.Config, workdir: str | os.PathLike | None
+  config: ml_collections.ConfigDict, workdir: str | os.PathLike | None
 ) -> dict[str, Any]:
   """Trains one run, writes `workdir/result.json` and returns it.
 

@@ -17,14 +17,23 @@ import muon_optax
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from transformer import input_pipeline  # noqa: E402
-from transformer import main  # noqa: E402
 from transformer import train  # noqa: E402
 from transformer.configs import default  # noqa: E402
 from transformer.configs import tiny  # noqa: E402
 
 
+def _with(config, **changes):
+  """A copy of `config` with these (existing) fields set."""
+  config = config.copy_and_resolve_references()
+  for name, value in changes.items():
+    assert name in config, name
+    setattr(config, name, value)
+  return config
+
+
 def _tiny(**changes):
-  return tiny.get_config().replace(
+  return _with(
+    tiny.get_config(),
     d_model=16,
     num_heads=2,
     context=16,
@@ -53,21 +62,29 @@ def test_train_and_evaluate(optimizer, tmp_path):
 
 @pytest.mark.slow
 def test_main_reads_config_file_and_overrides(tmp_path):
-  result = main.main(
-    [
-      f'--workdir={tmp_path}',
-      f'--config={pathlib.Path(tiny.__file__)}',
-      '--config.d_model=16',
-      '--config.context=16',
-      '--config.batch_size=4',
-      '--config.steps=6',
-      '--config.eval_every=3',
-      '--config.eval_windows=8',
-      '--config.max_bytes=20000',
-      '--config.learning_rate=0.03',
-    ]
-  )
+  """The flags as a user types them (absl, ml_collections.config_flags)."""
+  cmd = [
+    sys.executable,
+    str(pathlib.Path(__file__).with_name('main.py')),
+    f'--workdir={tmp_path}',
+    f'--config={pathlib.Path(tiny.__file__)}',
+    '--config.d_model=16',
+    '--config.context=16',
+    '--config.batch_size=4',
+    '--config.steps=6',
+    '--config.eval_every=3',
+    '--config.eval_windows=8',
+    '--config.max_bytes=20000',
+    '--config.learning_rate=0.03',
+  ]
+  done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  assert done.returncode == 0, done.stderr[-2000:]
+  result = json.loads((tmp_path / 'result.json').read_text())
   assert result['learning_rate'] == 0.03 and result['total_steps'] == 6
+  bad = subprocess.run(
+    [*cmd[:3], '--epochs=1'], capture_output=True, text=True, check=False
+  )
+  assert bad.returncode != 0 and 'epochs' in bad.stderr
 
 
 def test_default_config_has_over_a_million_parameters():
@@ -185,11 +202,11 @@ def test_qk_clip_flag_records_and_caps_the_logits():
   """At a learning rate where muon's logits grow, the recorded maxima with
   QK-Clip stay near the threshold (one update of lag) and below the run
   without it."""
-  base = _tiny(optimizer='muon', learning_rate=0.3).replace(steps=12)
-  free = train.train_and_evaluate(base.replace(record_max_logits=True), None)
+  base = _with(_tiny(optimizer='muon', learning_rate=0.3), steps=12)
+  free = train.train_and_evaluate(_with(base, record_max_logits=True), None)
   free_max = [h['max_logit'] for h in free['history']]
   tau = 0.5 * free_max[0]
-  clipped = train.train_and_evaluate(base.replace(qk_clip=tau), None)
+  clipped = train.train_and_evaluate(_with(base, qk_clip=tau), None)
   clipped_max = [h['max_logit'] for h in clipped['history']]
   assert max(free_max) > 2 * tau  # the logits do grow without the clip
   assert max(clipped_max[1:]) < max(free_max[1:])
@@ -217,13 +234,4 @@ def test_head_names_moves_only_the_head_to_muon():
   updates, _ = tx.update(params, tx.init(params), params)
   assert jax.tree.structure(updates) == jax.tree.structure(params)
   with pytest.raises(ValueError, match='head_names'):
-    train.create_optimizer(config.replace(optimizer='adamw'), model, 6)
-
-
-def test_head_names_parse_from_the_command_line():
-  config = default.get_config()
-  assert config.override(['head_names=']).head_names == ()
-  assert config.override(['head_names=head,lm_head']).head_names == (
-    'head',
-    'lm_head',
-  )
+    train.create_optimizer(_with(config, optimizer='adamw'), model, 6)

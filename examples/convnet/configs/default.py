@@ -1,120 +1,59 @@
 """Default hyperparameters: the ConvNet on CIFAR-10 (set `data` to it).
 
-A frozen dataclass stands in for `ml_collections.ConfigDict`, which this
-project does not depend on: `get_config().replace(epochs=8)` in code,
-`--config.epochs=8` on the command line (`Config.override`).
+`--config.FIELD=VALUE` sets any field below (absl flags,
+`ml_collections.config_flags`).
 """
 
-import ast
-import dataclasses
-import types
-import typing
-from typing import Any
+import ml_collections
+from ml_collections import config_dict
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
-  """Everything one run needs.
-
-  Attributes:
-    data: a folder with `train/<class>/*.jpg` (and `test/`), or
-      `train.tar.gz`/`test.tar.gz`, or `cifar-10-batches-py/`; None: the
-      digits bundled with scikit-learn (no download).
-    cache_dir: where decoded images are cached as `.npy`; None:
-      `$MUON_OPTAX_CACHE` or `~/.cache/muon_optax`.
-    test_size: when the data has no test split, training images held out as
-      one (before the validation split); None: a fifth, at most 10,000.
-    val_size: training images held out for validation (the learning-rate
-      choice); the test split is never used for it.
-    train_size: a fixed subset of the remaining images to train on; None
-      keeps them all.
-    flip: random horizontal flips.
-    translate: random translations by up to this many pixels.
-    widths: stem width, then one conv group per further width.
-    optimizer: `muon`, `adamw`, `nadamw`, `sgd` or `optax_muon`.
-    optimizer_kwargs: more keyword arguments of the optimizer, e.g.
-      `{'beta': 0.6}` for `muon`.
-    head_names: `muon` and `normuon` only: fnmatch patterns naming the
-      output head, which goes to the Adam part (`muon_optax.param_labels`'s
-      `head_names`); None: the library's; empty (`--config.head_names=`):
-      the head goes to Muon.
-    learning_rate: peak learning rate.
-    warmup_fraction: linear warm-up over this fraction of the steps, then
-      linear decay to 0.
-    batch_size: training batch size.
-    epochs: training epochs over the training split.
-    seed: initialization, shuffling and augmentation seed.
-    evals_per_epoch: validation points per epoch.
-    eval_batch_size: evaluation batch size.
-  """
-
-  data: str | None = None
-  cache_dir: str | None = None
-  test_size: int | None = None
-  val_size: int = 5000
-  train_size: int | None = None
-  flip: bool = True
-  translate: int = 2
-  widths: tuple[int, ...] = (24, 32, 64, 128)
-  optimizer: str = 'muon'
-  optimizer_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
-  head_names: tuple[str, ...] | None = None
-  learning_rate: float = 0.01
-  warmup_fraction: float = 0.1
-  batch_size: int = 128
-  epochs: float = 8.0
-  seed: int = 0
-  evals_per_epoch: int = 4
-  eval_batch_size: int = 500
-
-  def replace(self, **changes: Any) -> 'Config':
-    return dataclasses.replace(self, **changes)
-
-  def override(self, assignments: typing.Sequence[str]) -> 'Config':
-    """A copy with `FIELD=VALUE` strings applied, parsed by field type."""
-    hints = typing.get_type_hints(type(self))
-    changes = {}
-    for item in assignments:
-      name, sep, text = item.partition('=')
-      if not sep or name not in hints:
-        raise ValueError(
-          f'Expected FIELD=VALUE with FIELD one of {sorted(hints)}, got '
-          f'{item!r}.'
-        )
-      changes[name] = _parse(name, hints[name], text)
-    return dataclasses.replace(self, **changes)
-
-
-def _parse(name: str, annotation: Any, text: str) -> Any:
-  """`text` as a value of type `annotation` (bool, int, float, str, None,
-  tuples, dicts)."""
-  options = [annotation]
-  if isinstance(annotation, types.UnionType):
-    options = list(typing.get_args(annotation))
-  if type(None) in options and text.lower() == 'none':
-    return None
-  kind = next(a for a in options if a is not type(None))
-  origin = typing.get_origin(kind) or kind
-  try:
-    if origin is bool:
-      if text.lower() not in ('true', 'false', '1', '0'):
-        raise ValueError(text)
-      return text.lower() in ('true', '1')
-    if origin is tuple:
-      item = (typing.get_args(kind) or (int,))[0]  # tuple[str, ...]: str
-      return tuple(item(v) for v in text.split(',') if v)
-    if origin is dict:
-      value = ast.literal_eval(text)
-      if not isinstance(value, dict):
-        raise ValueError(text)
-      return value
-    return origin(text)
-  except (ValueError, SyntaxError):
-    raise ValueError(
-      f'`{name}` takes a {getattr(kind, "__name__", kind)}, got {text!r}.'
-    ) from None
-
-
-def get_config() -> Config:
+def get_config() -> ml_collections.ConfigDict:
   """The CIFAR-10 ConvNet: airbench-style, 295k parameters, 8 epochs."""
-  return Config()
+  config = ml_collections.ConfigDict()
+  # A folder with `train/<class>/*.jpg` (and `test/`), or
+  # `train.tar.gz`/`test.tar.gz`, or `cifar-10-batches-py/`; None: the digits
+  # bundled with scikit-learn (no download).
+  config.data = config_dict.placeholder(str)
+  # Where decoded images are cached as `.npy`; None: `$MUON_OPTAX_CACHE` or
+  # `~/.cache/muon_optax`.
+  config.cache_dir = config_dict.placeholder(str)
+  # When the data has no test split, training images held out as one (before
+  # the validation split); None: a fifth, at most 10,000.
+  config.test_size = config_dict.placeholder(int)
+  # Training images held out for validation (the learning-rate choice); the
+  # test split is never used for it.
+  config.val_size = 5000
+  # A fixed subset of the remaining images to train on; None keeps them all.
+  config.train_size = config_dict.placeholder(int)
+  # Random horizontal flips.
+  config.flip = True
+  # Random translations by up to this many pixels.
+  config.translate = 2
+  # Stem width, then one conv group per further width.
+  config.widths = (24, 32, 64, 128)
+  # `muon`, `adamw`, `nadamw`, `sgd` or `optax_muon`.
+  config.optimizer = 'muon'
+  # More keyword arguments of the optimizer, e.g. `{'beta': 0.6}` for `muon`:
+  # set in a config file or by compare.py's `--variant` (flags cannot add
+  # keys).
+  config.optimizer_kwargs = ml_collections.ConfigDict()
+  # `muon` and `normuon` only: fnmatch patterns naming the output head, which
+  # goes to the Adam part (`muon_optax.route`'s `head_names`); None: the
+  # library's; empty (`--config.head_names=()`): the head goes to Muon.
+  config.head_names = config_dict.placeholder(tuple)
+  # Peak learning rate.
+  config.learning_rate = 0.01
+  # Linear warm-up over this fraction of the steps, then linear decay to 0.
+  config.warmup_fraction = 0.1
+  # Training batch size.
+  config.batch_size = 128
+  # Training epochs over the training split.
+  config.epochs = 8.0
+  # Initialization, shuffling and augmentation seed.
+  config.seed = 0
+  # Validation points per epoch.
+  config.evals_per_epoch = 4
+  # Evaluation batch size.
+  config.eval_batch_size = 500
+  return config

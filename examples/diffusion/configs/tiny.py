@@ -1,20 +1,22 @@
 """A seconds-long run on the bundled digits (`compare.py`'s default)."""
 
+import ml_collections
+
 from diffusion.configs import default
 
 
-def get_config() -> default.Config:
-  return default.get_config().replace(
-    data=None,
-    val_size=200,
-    flip=False,
-    widths=(8, 16),
-    heads=2,
-    batch_size=32,
-    steps=40,
-    eval_every=20,
-    eval_size=200,
-    eval_batch_size=200,
-    samples=16,
-    sample_steps=10,
-  )
+def get_config() -> ml_collections.ConfigDict:
+  config = default.get_config()
+  config.data = None
+  config.val_size = 200
+  config.flip = False
+  config.widths = (8, 16)
+  config.heads = 2
+  config.batch_size = 32
+  config.steps = 40
+  config.eval_every = 20
+  config.eval_size = 200
+  config.eval_batch_size = 200
+  config.samples = 16
+  config.sample_steps = 10
+  return config

@@ -1,18 +1,20 @@
 """A seconds-long run on the embedded corpus (Python stdlib sources)."""
 
+import ml_collections
+
 from transformer.configs import default
 
 
-def get_config() -> default.Config:
-  return default.get_config().replace(
-    data=None,
-    max_bytes=500_000,
-    d_model=64,
-    num_layers=1,
-    num_heads=2,
-    context=32,
-    batch_size=16,
-    steps=100,
-    eval_every=20,
-    eval_windows=128,
-  )
+def get_config() -> ml_collections.ConfigDict:
+  config = default.get_config()
+  config.data = None
+  config.max_bytes = 500_000
+  config.d_model = 64
+  config.num_layers = 1
+  config.num_heads = 2
+  config.context = 32
+  config.batch_size = 16
+  config.steps = 100
+  config.eval_every = 20
+  config.eval_windows = 128
+  return config
