@@ -3,6 +3,7 @@
 `muon_optax.trace_routing` reads from the computation."""
 
 from convnet import models as convnet_models
+from diffusion import models as diffusion_models
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -14,21 +15,26 @@ import muon_optax
 
 IMAGES = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
 TOKENS = jax.ShapeDtypeStruct((2, 16), jnp.int32)
+TIMES = jax.ShapeDtypeStruct((2,), jnp.int32)
 
 MODELS = {
   'convnet': (
     lambda: convnet_models.ConvNet(10, (8, 16, 16), rngs=nnx.Rngs(0)),
-    IMAGES,
+    (IMAGES,),
   ),
   'resnet': (
     lambda: resnet_models.ResNet(10, width=8, rngs=nnx.Rngs(0)),
-    IMAGES,
+    (IMAGES,),
   ),
   'transformer': (
     lambda: transformer_models.Transformer(
       256, 16, d_model=32, num_layers=2, num_heads=4, rngs=nnx.Rngs(0)
     ),
-    TOKENS,
+    (TOKENS,),
+  ),
+  'diffusion': (
+    lambda: diffusion_models.UNet(widths=(8, 16), rngs=nnx.Rngs(0)),
+    (IMAGES, TIMES),
   ),
 }
 
@@ -41,12 +47,12 @@ def _flat(tree):
 
 @pytest.mark.parametrize('name', sorted(MODELS))
 def test_module_rules_equal_the_traced_routing(name):
-  make, x = MODELS[name]
+  make, inputs = MODELS[name]
   model = make()
   model.eval()  # BatchNorm reads its running statistics: nothing mutates
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   traced = muon_optax.trace_routing(
-    lambda p, x: nnx.merge(graphdef, p, rest)(x), params, x
+    lambda p, *xs: nnx.merge(graphdef, p, rest)(*xs), params, *inputs
   )
   shapes = {k: v.shape for k, v in _flat(nnx.to_pure_dict(params)).items()}
   routing = muon_optax.route(model)
