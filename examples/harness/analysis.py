@@ -4,8 +4,9 @@ each baseline's final value."""
 
 from typing import Any
 
-from harness import tasks
 import numpy as np
+
+from harness import tasks
 
 
 def mean_curve(runs: list[dict[str, Any]], key: str) -> np.ndarray:

@@ -5,9 +5,10 @@ grids side by side, attention logits, per-layer metrics."""
 import pathlib
 from typing import Any
 
+import numpy as np
+
 from harness import analysis
 from harness import tasks
-import numpy as np
 
 
 def plot(results: dict[str, Any], out: pathlib.Path) -> list[pathlib.Path]:
