@@ -4,6 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# Scripts that record fixtures need torch; they are run by hand, not tests.
+collect_ignore = ['fixtures']
+
 
 def random_like(params, step, seed=42):
   """A tree of standard normals shaped like `params`, one draw per `step`."""
