@@ -78,9 +78,13 @@ def given_views(matrix_views: MatrixViews, tree: Any) -> dict[str, MatrixView]:
 
 
 def default_routing(params: Any, matrix_views: MatrixViews = None) -> Routing:
-  """The routing `muon` uses without `param_labels`: the names rules, with
-  the views `matrix_views` gives taking the place of the rules' own."""
-  source = _route.source_of(params)
+  """The routing `muon` uses without `param_labels`: `route(params)` (an
+  Equinox module's layer types, else the names rules), with the views
+  `matrix_views` gives taking the place of the source's own."""
+  if _is_single_leaf(params) and hasattr(params, 'shape'):
+    source = _names.source(params)  # one array is a whole params tree
+  else:
+    source = _route.source_of(params)
   return _routing.finish(source, views=given_views(matrix_views, params))
 
 
@@ -89,8 +93,11 @@ def label_fn(
 ) -> Callable[[Any], Any]:
   """A function from any params tree to its label tree, matched by path.
 
-  Without `param_labels`, the names rules decide, with `matrix_views`'s
-  views for the leaves it names.
+  Without `param_labels`, `default_routing` decides, with `matrix_views`'s
+  views for the leaves it names. A function that returns a `Routing` gives
+  its labels here; its views must be the ones the transformations will use
+  (`view_resolver`), or this raises: a function cannot hand its views to
+  them, as they see only the Muon part of the tree.
   """
   check_labels_arg(param_labels)
   given_routing = as_routing(param_labels)
@@ -100,11 +107,15 @@ def label_fn(
   def labels_for(params):
     if param_labels is None:
       rules = default_routing(params, matrix_views).by_path()
-      return _paths.map_with_paths(lambda p, _: rules[p].label, params)
+      # Leaves the sources skip (integer arrays, ...) are not Muon's.
+      return _paths.map_with_paths(
+        lambda p, _: rules[p].label if p in rules else _routing.ADAM, params
+      )
     given = param_labels
     if is_tree_builder(given):
       given = given(params)
       if isinstance(given, Routing):
+        _check_views_carry(given, matrix_views, params)
         given = given.labels
       if not _is_single_leaf(params):  # else one label is the whole tree
         _route.refuse_schedule_value(
@@ -135,6 +146,34 @@ def label_fn(
     return labels
 
   return labels_for
+
+
+def _check_views_carry(
+  routing: Routing, matrix_views: MatrixViews, params: Any
+) -> None:
+  """Raises unless the transformations will use `routing`'s views for its
+  Muon leaves (they resolve views from `matrix_views` and the tree alone)."""
+  resolve = view_resolver(matrix_views, params)
+  shapes = dict(
+    (p, tuple(np.shape(x))) for p, x in _paths.leaves_with_paths(params)
+  )
+  differ = []
+  for path, rule in routing.by_path().items():
+    if rule.label != _routing.MUON or path not in shapes:
+      continue
+    used, given = resolve(path, shapes[path]), rule.view
+    if used is None or given is None:
+      continue  # muon raises on a Muon leaf without a view, naming it
+    if used.resolve(shapes[path]) != given.resolve(shapes[path]):
+      differ.append(path)
+  if differ:
+    raise ValueError(
+      f'The `param_labels` function returned a Routing whose matrix views of '
+      f'{differ} are not the ones Muon would use (a function gives labels '
+      'only). Build the routing once and pass it, '
+      '`muon(..., param_labels=routing)`, or pass its views too, '
+      '`matrix_views=routing`.'
+    )
 
 
 def default_view(path: str, shape: tuple[int, ...]) -> MatrixView | None:
@@ -172,11 +211,23 @@ def _explicit_views(
 def view_resolver(
   matrix_views: MatrixViews, tree: Any
 ) -> Callable[[str, tuple[int, ...]], MatrixView | None]:
-  """A function `path, shape -> MatrixView` (None: not a matrix)."""
+  """A function `path, shape -> MatrixView` (None: not a matrix).
+
+  A view `matrix_views` names comes first; then, for an Equinox module, the
+  view its layer types give (the source `default_routing` reads the labels
+  from); then the names rules'.
+  """
   explicit = _explicit_views(matrix_views, tree)
+  model = (
+    _route.source_of(tree).decisions
+    if _route.is_eqx_module(tree) and _route.is_model(tree)
+    else {}
+  )
 
   def resolve(path, shape):
     view = explicit(path)
+    if view is None and path in model:
+      view = model[path].view
     return default_view(path, shape) if view is None else view
 
   return resolve

@@ -76,7 +76,14 @@ def describe(
     label = labels[path]
     view_txt, scale_txt = '-', '-'
     if label == MUON:
-      resolved = resolver(path, shape).resolve(shape)
+      view = resolver(path, shape)
+      if view is None:
+        raise ValueError(
+          f'Parameter {path!r} of shape {shape} is labelled muon but is not '
+          "a matrix (Muon needs at least 2 axes). Label it 'adam', or give "
+          'it a `matrix_views` entry.'
+        )
+      resolved = view.resolve(shape)
       view_txt = resolved.describe()
       scale = _views.shape_scale(resolved, consistent_rms)
       scale_txt = f'{scale:.3f}'

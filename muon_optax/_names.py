@@ -177,6 +177,16 @@ def source(
     )
     for path, s in shapes.items()
   }
+  unmatched = [
+    pattern
+    for pattern in patterns
+    if not any(_paths.match_pattern({pattern: None}, p) for p in shapes)
+  ]
+  if unmatched:
+    raise ValueError(
+      f'The `stacked` patterns {unmatched} match no parameter; the paths are '
+      f'{sorted(shapes)[:20]}{" ..." if len(shapes) > 20 else ""}.'
+    )
   return _routing.Source(
     'names', paths, shapes, decisions, attention_layers(decisions)
   )

@@ -101,10 +101,6 @@ class PathLookup:
         return self.entries[key]
     return default
 
-  def __contains__(self, path: str) -> bool:
-    sentinel = object()
-    return self.get(path, sentinel) is not sentinel
-
   def unused(self) -> list[str]:
     return sorted(set(self.entries) - self.used)
 

@@ -27,16 +27,13 @@ from muon_optax._views import MatrixView
 
 
 def _nnx() -> Any:
-  """The NNX source when flax is loaded, else None."""
-  if 'flax.nnx' not in sys.modules:
-    return None
+  """The NNX source (called once an object is an NNX module, so flax is
+  loaded)."""
   return importlib.import_module('muon_optax._nnx')
 
 
 def _eqx() -> Any:
-  """The Equinox source when equinox is loaded, else None."""
-  if 'equinox' not in sys.modules:
-    return None
+  """The Equinox source (called once an object is an Equinox module)."""
   return importlib.import_module('muon_optax._equinox')
 
 
@@ -186,8 +183,11 @@ def route(
     'max_aspect': max_aspect,
   }
   options = {k: v for k, v in options.items() if v is not None}
-  if isinstance(stacked, str):
-    stacked = (stacked,)
+  # One name is a 1-tuple (tuple('head') would be its characters).
+  stacked, head_names, embed_names = (
+    (x,) if isinstance(x, str) else x
+    for x in (stacked, head_names, embed_names)
+  )
   source_options = {
     'stacked': tuple(stacked),
     'head_names': tuple(head_names),

@@ -18,6 +18,8 @@ computes an update.
 from collections.abc import Mapping
 from collections.abc import Sequence
 import dataclasses
+import os
+import sys
 from typing import Any
 from typing import NamedTuple
 import warnings
@@ -279,8 +281,13 @@ def _looks_wrong(
 
 
 def warn(message: str) -> None:
-  """A `UserWarning`; Python's default filter prints each message once."""
-  warnings.warn(message, UserWarning, stacklevel=3)
+  """A `UserWarning` attributed to the first caller outside muon_optax;
+  Python's default filter prints each message once per calling line."""
+  package = os.path.dirname(os.path.abspath(__file__))
+  level, frame = 2, sys._getframe(1)
+  while frame is not None and frame.f_code.co_filename.startswith(package):
+    level, frame = level + 1, frame.f_back
+  warnings.warn(message, UserWarning, stacklevel=level)
 
 
 def finish(source: Source, **options: Any) -> Routing:
@@ -336,8 +343,6 @@ def finish(source: Source, **options: Any) -> Routing:
           label, why = ADAM, f'degenerate {resolved.describe()}; {why}'
     hit = _paths.match_pattern(overrides, path)
     if hit is not None:
-      if hit[1] == ADAM and path in guessed:
-        guessed.remove(path)  # no view needed: the guess does not matter
       label, why = hit[1], f'override {hit[0]!r}; {why}'
       if label == MUON:
         if view is None:
@@ -349,6 +354,8 @@ def finish(source: Source, **options: Any) -> Routing:
           view.resolve(shape)
         except ValueError as e:
           raise ValueError(f'Parameter {path!r}: {e}') from None
+    if path in guessed and label == ADAM and (d.kind == HEAD or hit):
+      guessed.remove(path)  # on Adam as a head or by override: no view used
     rules[path] = Rule(label, view, why)
   unmatched = [
     pattern

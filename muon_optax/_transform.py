@@ -164,7 +164,8 @@ def scale_by_muon(
     bias_correction: Adam-style bias correction of the momentum (optax's
       form; see above).
     compute_dtype: dtype of the matmul operands, see `orthogonalize`.
-    matrix_views: None (views from shapes and names, see `matrix_views`), one
+    matrix_views: None (an Equinox module's views from its layer types,
+      else from shapes and names, see `muon_optax.route`), one
       `MatrixView` for every leaf, a tree or prefix tree of `MatrixView` /
       `optax.contrib.MuonDimensionNumbers` / None (default) matched by path,
       a callable from params to such a tree, or a `Routing`.

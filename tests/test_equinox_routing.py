@@ -393,3 +393,38 @@ def test_override_that_matches_nothing():
     muon_optax.route(cnn(), overrides={'stemm': 'adam'})
   labels = _flat(muon_optax.route(cnn(), overrides={'conv1': 'adam'}).labels)
   assert labels['conv1/weight'] == 'adam' and labels['conv2/weight'] == 'muon'
+
+
+class Stacked(eqx.Module):
+  """Six vmapped `Linear(32, 64)`: weights `(6, 64, 32)`, then a head."""
+
+  blocks: eqx.nn.Linear
+  head: eqx.nn.Linear
+
+  def __init__(self, key):
+    k1, k2 = jax.random.split(key)
+    make = lambda k: eqx.nn.Linear(32, 64, key=k)
+    self.blocks = eqx.filter_vmap(make)(jax.random.split(k1, 6))
+    self.head = eqx.nn.Linear(64, 10, key=k2)
+
+
+def test_default_views_come_from_the_layer_types():
+  # Without `param_labels` the labels come from the layer types; the views
+  # must too, or the stacked weight would be one 2048x6 matrix, not six
+  # 32x64 ones (consistent_rms=None: each slice orthogonal on its own).
+  model = build(Stacked, jax.random.key(0))
+  params = eqx.filter(model, eqx.is_inexact_array)
+  grads = jax.tree.map(
+    lambda x: jnp.asarray(np.random.default_rng(1).normal(size=x.shape)),
+    params,
+  )
+  for labels in (None, model):
+    tx = muon_optax.muon(1.0, param_labels=labels, consistent_rms=None)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    for w, g in zip(updates.blocks.weight, grads.blocks.weight, strict=True):
+      u, _, vt = np.linalg.svd(np.asarray(g, np.float64), full_matrices=False)
+      w = -np.asarray(w, np.float64)  # up to the shape scale: its polar factor
+      cos = np.sum(w * (u @ vt)) / np.linalg.norm(w) / np.linalg.norm(u @ vt)
+      sv = np.linalg.svd(w, compute_uv=False)
+      assert cos > 0.95 and sv.max() < 1.5 * sv.min(), (labels, cos, sv)
+  assert '6x(32x64)' in muon_optax.describe(model)

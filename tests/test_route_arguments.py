@@ -199,3 +199,65 @@ def test_route_finishes_again_and_keeps_earlier_options(net):
   assert again.options == {'overrides': {'hidden': 'adam'}, 'head': 'muon'}
   with pytest.raises(ValueError, match='read already'):
     muon_optax.route(routing, stacked=['x'])
+
+
+def test_a_function_returning_a_routing_must_carry_its_views():
+  # A scanned (6, 32, 32) leaf: traced, six 32x32 matrices; by the names
+  # rules, one 192x32 guess. A function gives labels only, so it must agree.
+  def loss(p, x):
+    h, _ = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, p['layers'])
+    return (h @ p['head']).sum()
+
+  params = {'layers': jnp.ones((6, 32, 32)), 'head': jnp.ones((32, 4))}
+  x = jnp.ones((2, 32))
+  traced = lambda p: muon_optax.trace_routing(loss, p, x)
+  tx = muon_optax.muon(0.02, param_labels=traced)
+  with pytest.raises(ValueError, match=r"\['layers'\] are not the ones"):
+    tx.init(params)
+  # The two forms it points to both use the traced views.
+  for tx in (
+    muon_optax.muon(0.02, param_labels=traced(params)),
+    muon_optax.muon(0.02, param_labels=traced, matrix_views=traced(params)),
+  ):
+    tx.init(params)
+
+
+def test_one_name_is_not_its_characters():
+  params = {
+    'readout': {'kernel': jnp.ones((16, 10))},
+    'e': {'tok': jnp.ones((16, 16))},
+    'h': {'kernel': jnp.ones((16, 16))},
+  }
+  labels = muon_optax.route(params, head_names='readout').labels
+  assert labels == {
+    'readout': {'kernel': 'adam'},
+    'e': {'tok': 'muon'},
+    'h': {'kernel': 'muon'},
+  }
+
+
+def test_single_array_and_non_float_leaves_under_the_defaults():
+  w = jnp.ones((8, 16))
+  tx = muon_optax.muon(1e-3)
+  assert tx.update(w, tx.init(w), w)[0].shape == (8, 16)
+  # An integer leaf is not Muon's (the sources read floating arrays only).
+  params = {'w': w, 'steps': jnp.zeros((), jnp.int32)}
+  assert muon_optax.muon(1e-3).init(params) is not None
+
+
+def test_stacked_pattern_that_matches_nothing():
+  with pytest.raises(ValueError, match=r"`stacked` patterns \['layer'\]"):
+    muon_optax.route({'layers': jnp.ones((4, 8, 8))}, stacked=['layer'])
+
+
+def test_describe_refuses_a_non_matrix_on_muon():
+  params = {'w': jnp.ones((8, 8)), 'b': jnp.ones(8)}
+  with pytest.raises(ValueError, match="'b' of shape \\(8,\\) is labelled"):
+    muon_optax.describe(params, {'w': 'muon', 'b': 'muon'})
+
+
+def test_routing_warnings_point_at_the_callers_line():
+  params = {'blocks': {'kernel': jnp.ones((4, 8, 8))}}  # a guessed layout
+  with pytest.warns(UserWarning, match='guessed') as record:
+    muon_optax.route(params)
+  assert record[0].filename == __file__

@@ -30,7 +30,7 @@ class ConvGroup(nnx.Module):
 class ConvNet(nnx.Module):
   """2x2 patch stem, one `ConvGroup` per width, global max-pool, linear `head`.
 
-  The final layer is called `head`, so `muon_optax.param_labels` sends it to
+  The final layer is called `head`, so `muon_optax.route` sends it to
   Adam; every conv kernel (stem included) goes to Muon by default.
 
   >>> from flax import nnx

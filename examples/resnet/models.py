@@ -51,7 +51,7 @@ class ResNet(nnx.Module):
 
   `stage_sizes=(2, 2, 2, 2)` is ResNet-18 (11.2M parameters at `width=64`,
   the usual CIFAR width; 0.70M at 16). Every conv kernel (the stem and the
-  1x1 projections included) goes to Muon under `muon_optax.param_labels`;
+  1x1 projections included) goes to Muon under `muon_optax.route`;
   the BatchNorm parameters and `head` go to Adam.
 
   >>> from flax import nnx

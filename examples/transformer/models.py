@@ -46,7 +46,7 @@ class Transformer(nnx.Module):
   """Token and position embeddings, `Block`s, a final norm and `lm_head`.
 
   `token_embed`, `pos_embed` and `lm_head` go to Adam under
-  `muon_optax.param_labels`; the attention and MLP kernels go to Muon.
+  `muon_optax.route`; the attention and MLP kernels go to Muon.
 
   >>> from flax import nnx
   >>> import jax.numpy as jnp
