@@ -195,8 +195,10 @@ def muon(
       `optax.inject_hyperparams` pass a `Routing` or a label tree: optax
       calls callables (and modules) with the step count.
     matrix_views: see `scale_by_muon`; None takes the views from the module
-      or `Routing` when `param_labels` is one, and from shapes and names
-      otherwise.
+      or `Routing` when `param_labels` is one, else where `route(params)`
+      reads them (an Equinox module's layer types, or shapes and names). A
+      `param_labels` function gives labels only: its views are checked
+      against these at `init`.
     group_strategy: see `scale_by_muon`.
     diagnostics: record per-leaf metrics every step (Muon's orthogonality
       error, momentum norm, and every leaf's applied update RMS and its ratio
