@@ -2,7 +2,7 @@
 
 Slow (minutes on a CPU), so outside the default suite:
 
-  python -m pytest tests/test_stability.py -m slow -q -s
+  python -m pytest tests/test_stability.py -m slow -n 0 -q -s
 """
 
 import math
