@@ -267,9 +267,11 @@ def test_merge_picks_the_best_seed0_lr_of_each_search(tmp_path):
     task='transformer',
     data=None,
     optimizers=None,
+    use_lr=[],
   )
   results = merge.merge(args)
   assert results['chosen_lr'] == {'muon': 0.02, 'adamw': 0.01}
+  assert results['search_best_lr'] == {}
   picked = [(r['name'], r['seed'], r['learning_rate']) for r in results['runs']]
   assert picked == [
     ('muon', 0, 0.02),
@@ -294,3 +296,29 @@ def test_merge_picks_the_best_seed0_lr_of_each_search(tmp_path):
   args.optimizers = 'adamw,sgd'
   with pytest.raises(SystemExit, match=r"no runs of \['sgd'\]"):
     merge.merge(args)
+  # --use-lr: a row's results at another rate than its search's best (one
+  # that diverged at the full budget), and the summary says so.
+  args.optimizers, args.use_lr = None, ['muon=0.03']
+  with pytest.raises(SystemExit, match='--use-lr sets muon to lr 0.03, but no'):
+    merge.merge(args)
+  args.use_lr = ['muon=0.01']
+  (full_grid / 'runs.partial.jsonl').write_text(
+    '\n'.join(
+      json.dumps(r)
+      for r in lines[full_grid] + [_run('muon', 1, 0.01, 100, [2.4])]
+    )
+  )
+  results = merge.merge(args)
+  assert results['chosen_lr'] == {'muon': 0.01, 'adamw': 0.01}
+  assert results['search_best_lr'] == {'muon': 0.02}
+  picked = [
+    (r['name'], r['seed']) for r in results['runs'] if r['name'] == 'muon'
+  ]
+  assert picked == [('muon', 0), ('muon', 1)]
+  assert all(r['learning_rate'] == 0.01 for r in results['runs'])
+  grids = report.summarize(results).split('## Learning-rate grids')[1]
+  assert '→ **0.01** (after 1× the budget; the search chose 0.02;' in grids
+  for bad in (['muon=0.01,0.02'], ['sgd=0.1'], ['muon'], ['muon=x']):
+    args.use_lr = bad
+    with pytest.raises(SystemExit, match='--use-lr takes NAME=LR'):
+      merge.merge(args)

@@ -96,6 +96,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     'separately). Full-budget runs are the results; shorter ones the grid.',
   )
   p.add_argument(
+    '--use-lr',
+    nargs='+',
+    default=[],
+    metavar='NAME=LR',
+    help="with --merge: NAME's results are its full-budget runs at LR, not "
+    "at its search's best (e.g. where that rate diverged at the full "
+    'budget); the summary says so.',
+  )
+  p.add_argument(
     '--diagnostics',
     action='store_true',
     help="record muon's per-layer orthogonality error and update/weight RMS "

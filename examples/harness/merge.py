@@ -17,7 +17,8 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
 
   Per row, the search is its seed-0 runs at its shortest budget (the full
   one when it was searched at the full budget); the results are its
-  full-budget runs at the best learning rate of that search, one per seed.
+  full-budget runs at the best learning rate of that search, one per seed,
+  or at the rate `--use-lr` sets for it.
   """
   task = tasks.TASKS[args.task]
   lines = []
@@ -40,6 +41,17 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
     lines = [r for r in lines if r['name'] in keep]
     names = keep
   full = max(r['total_steps'] for r in lines)
+  use_lr = {}
+  for item in args.use_lr:
+    name, _, lr = item.partition('=')
+    try:
+      use_lr[name] = float(lr)
+    except ValueError:
+      name = None
+    if name not in names:
+      raise SystemExit(
+        f'--use-lr takes NAME=LR with NAME in {names}, got {item!r}.'
+      )
 
   def score(r):
     v = r['history'][-1][task.metric]
@@ -48,6 +60,7 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
     return -math.inf if task.higher_is_better else math.inf
 
   runs, tuning, chosen, searched, search_budget = [], {}, {}, {}, {}
+  overridden = {}  # --use-lr: the search's best it replaced
   for name in names:
     mine = [r for r in lines if r['name'] == name]
     budget = min(r['total_steps'] for r in mine)
@@ -62,6 +75,8 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
       raise SystemExit(f'--merge: no seed-0 run of {name} to choose from.')
     pick = max if task.higher_is_better else min
     best = pick(grid, key=grid.get)
+    if name in use_lr:
+      overridden[name], best = best, use_lr[name]
     tuning[name], chosen[name] = list(grid.items()), best
     seeds = set()
     for r in mine:
@@ -70,10 +85,12 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
           seeds.add(r['seed'])
           runs.append(r)
     if not seeds:
-      raise SystemExit(
-        f'--merge: {name} does best at lr {best:g} in its search, but no '
-        'full-budget run has that lr.'
+      why = (
+        f'--use-lr sets {name} to lr {best:g}'
+        if name in overridden
+        else f'{name} does best at lr {best:g} in its search'
       )
+      raise SystemExit(f'--merge: {why}, but no full-budget run has that lr.')
   order = {n: i for i, n in enumerate(names)}
   runs.sort(key=lambda r: (order[r['name']], r['seed']))
   last = runs[0]['history'][-1]
@@ -84,6 +101,7 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
     'num_params': runs[0].get('num_params', 0),
     'tune_budget': min(search_budget.values()),
     'chosen_lr': chosen,
+    'search_best_lr': overridden,
     'tuning': tuning,
     'search_budget': search_budget,
     'search_max_logits': analysis.search_max_logits(searched),

@@ -107,6 +107,9 @@ def summarize(results: dict[str, Any]) -> str:
     fraction = results.get('search_budget', {}).get(name, tune_budget)
     if fraction != tune_budget:
       notes.append(f'after {fraction:g}× the budget')
+    overridden = results.get('search_best_lr', {}).get(name)
+    if overridden is not None:
+      notes.append(f'the search chose {overridden:g}; results at {chosen:g}')
     if len(grid) == 1:
       notes.append('one rate: set, not searched')
     elif chosen in (grid[0][0], grid[-1][0]):
