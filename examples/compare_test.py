@@ -147,6 +147,7 @@ def test_transformer_end_to_end(tmp_path):
     (['--variant', 'x=muon:config.seed=3'], 'a row may set config.FIELD'),
     (['--variant', 'x=muon:config.nope=3'], 'got config.nope'),
     (['--seeds', '1', '--first-seed', '-1'], '--first-seed at least 0'),
+    (['--use-lr', 'muon=0.01'], '--use-lr is for --merge'),
   ],
 )
 def test_bad_arguments(argv, match, tmp_path):

@@ -140,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     results = merge.merge(args)
     report.write(results, out)
     return results
+  if args.use_lr:
+    raise SystemExit('--use-lr is for --merge: --lr-grid sets what trains.')
   if str(tasks.HERE) not in sys.path:
     sys.path.insert(0, str(tasks.HERE))
   train = importlib.import_module(f'{args.task}.train')
