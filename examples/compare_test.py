@@ -144,6 +144,7 @@ def test_transformer_end_to_end(tmp_path):
     (['--optimizers', 'adam'], "Unknown optimizer 'adam'"),
     (['--optimizers', ''], 'No rows to train'),  # '' is not the default
     (['--lr-grid', 'adam=0.1'], '--lr-grid takes'),
+    (['--lr-grid', 'muon=0.1,x'], '--lr-grid takes'),
     (['--variant', 'x=muon:config.seed=3'], 'a row may set config.FIELD'),
     (['--variant', 'x=muon:config.nope=3'], 'got config.nope'),
     (['--seeds', '1', '--first-seed', '-1'], '--first-seed at least 0'),

@@ -41,17 +41,12 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
     lines = [r for r in lines if r['name'] in keep]
     names = keep
   full = max(r['total_steps'] for r in lines)
-  use_lr = {}
-  for item in args.use_lr:
-    name, _, lr = item.partition('=')
-    try:
-      use_lr[name] = float(lr)
-    except ValueError:
-      name = None
-    if name not in names:
-      raise SystemExit(
-        f'--use-lr takes NAME=LR with NAME in {names}, got {item!r}.'
-      )
+  use_lr = {
+    name: lr
+    for name, (lr,) in tasks.parse_grid(
+      args.use_lr, names, flag='--use-lr', one=True
+    ).items()
+  }
 
   def score(r):
     v = r['history'][-1][task.metric]

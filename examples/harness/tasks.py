@@ -162,17 +162,25 @@ def row_config(config: Any, base: str, kwargs: dict[str, Any]) -> Any:
 
 
 def parse_grid(
-  items: Sequence[str], names: Sequence[str]
+  items: Sequence[str],
+  names: Sequence[str],
+  flag: str = '--lr-grid',
+  one: bool = False,
 ) -> dict[str, tuple[float, ...]]:
+  """`NAME=lr1,lr2,...` items (`NAME=LR` if `one`) as {NAME: rates}."""
   grid = {}
   for item in items:
-    name, sep, values = item.partition('=')
-    if not sep or name not in names:
+    name, _, values = item.partition('=')
+    try:
+      rates = tuple(float(v) for v in values.split(','))
+    except ValueError:
+      rates = ()
+    if name not in names or not rates or (one and len(rates) > 1):
       raise SystemExit(
-        f'--lr-grid takes NAME=lr1,lr2,... with NAME in {list(names)}, got '
-        f'{item!r}.'
+        f'{flag} takes NAME={"LR" if one else "lr1,lr2,..."} with NAME in '
+        f'{list(names)}, got {item!r}.'
       )
-    grid[name] = tuple(float(v) for v in values.split(','))
+    grid[name] = rates
   return grid
 
 
